@@ -1,0 +1,265 @@
+"""Decode engine: a long-lived continuous-batching loop.
+
+KV packets are admitted at any time (FIFO, while the KV budget allows), every active sequence
+advances one token per step, and a finished sequence leaves at once so its slot is reused on
+the next step. In colocated mode the same loop also runs prefill batches for prompts it was
+given, prefill first when there is room, like a single-engine server (vLLM's default policy).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import IncompatibleKV
+from .kv_cache import SlotKVCache
+from .kv_packet import KVPacket
+from .model import LoadedModel
+from .prefill import PrefillEngine, validate_request
+from .sampling import SamplingParams, sample_next
+from .sequence import Request, SequenceOutput
+from .stopping import StopChecker
+
+
+@dataclass
+class _Seq:
+    packet_id: str
+    params: SamplingParams
+    prompt_len: int
+    gen_ids: list[int]
+    arrival: float
+    first_token_time: float
+    prefill_worker: str | None
+    kv_bytes: int
+    kv_transfer_s: float | None
+    future: Future
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    step_log: list = field(default_factory=list)  # (batch size, seconds) of recent steps
+
+    def record(self, n: int, dt: float) -> None:
+        self.steps += 1
+        self.tokens += n
+        self.busy_s += dt
+        self.step_log.append((n, dt))
+        if len(self.step_log) > 4096:
+            del self.step_log[:2048]
+
+
+def kv_shape(lm: LoadedModel) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) as the model's attention actually produces them."""
+    cfg = lm.model.config
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+class DecodeEngine:
+    def __init__(self, lm: LoadedModel, *, kv_budget_bytes: int = 1 << 30, max_num_seqs: int = 128,
+                 worker_name: str | None = None, prefill: PrefillEngine | None = None):
+        self.lm = lm
+        self.worker_name = worker_name
+        self.prefill = prefill  # set in colocated mode
+        self.layers, self.kv_heads, self.head_dim = kv_shape(lm)
+        self.cache = SlotKVCache(self.layers, self.kv_heads, self.head_dim, lm.dtype, lm.device,
+                                 kv_budget_bytes, max_num_seqs)
+        self.stops = StopChecker(lm.tokenizer, lm.eos_token_ids)
+        self.stats = DecodeStats()
+        self.active: list[_Seq] = []  # index == KV slot
+        self._packets: deque[tuple[KVPacket, Future, float | None]] = deque()
+        self._prompts: deque[tuple[Request, Future]] = deque()
+        self._cv = threading.Condition()
+        self._stopped = False
+        fwd = inspect.signature(lm.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"  # renamed in transformers 5.24
+        self._thread = threading.Thread(target=self._loop, name="pdbatch-decode", daemon=True)
+        self._thread.start()
+
+    # --- public API (thread-safe) ----------------------------------------------------------
+    def submit(self, packet: KVPacket, kv_transfer_s: float | None = None) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            self._packets.append((packet, fut, kv_transfer_s))
+            self._cv.notify()
+        return fut
+
+    def submit_request(self, req: Request) -> Future:
+        """Colocated mode: prefill happens inside this engine's loop."""
+        if self.prefill is None:
+            raise RuntimeError("this decode engine has no prefill engine (disaggregated mode)")
+        fut: Future = Future()
+        err = validate_request(req, self.lm.max_model_len)
+        if err:
+            fut.set_result(SequenceOutput.failed(req.id, err, len(req.prompt_ids), self.worker_name))
+            return fut
+        with self._cv:
+            self._prompts.append((req, fut))
+            self._cv.notify()
+        return fut
+
+    def load(self) -> dict:
+        """What the router needs: free KV budget and queue lengths."""
+        with self._cv:
+            used = self.cache.pool_bytes(self.cache.n, self.cache.max_len)
+            return {"active": len(self.active), "queued": len(self._packets) + len(self._prompts),
+                    "kv_budget_bytes": self.cache.budget_bytes,
+                    "kv_free_bytes": self.cache.budget_bytes - used}
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopped or self._packets or self._prompts or self.active):
+                    self._cv.wait()
+                if self._stopped:
+                    self._fail_all("decode engine stopped")
+                    return
+            try:
+                self._run_prefill_if_room()
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as e:  # a broken step must not hang the futures waiting on it
+                self._fail_all(f"decode failed: {type(e).__name__}: {e}")
+
+    def _run_prefill_if_room(self) -> None:
+        if self.prefill is None:
+            return
+        batch, tokens = [], 0
+        with self._cv:
+            # prefill as many waiting prompts as the KV budget could take right now
+            free_slots = self.cache.max_slots - self.cache.n - len(self._packets)
+            while self._prompts and len(batch) < free_slots:
+                req, fut = self._prompts[0]
+                if batch and tokens + len(req.prompt_ids) > self.prefill.max_batch_tokens:
+                    break
+                if self.active and not self.cache.fits(len(req.prompt_ids) + req.params.max_new_tokens):
+                    break
+                self._prompts.popleft()
+                batch.append((req, fut))
+                tokens += len(req.prompt_ids)
+        if not batch:
+            return
+        results = self.prefill.run([r for r, _ in batch])
+        with self._cv:
+            for (req, fut), res in zip(batch, results):
+                if isinstance(res, KVPacket):
+                    self._packets.appendleft((res, fut, 0.0))
+                else:
+                    res.decode_worker = self.worker_name
+                    fut.set_result(res)
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._packets:
+                packet, fut, transfer_s = self._packets[0]
+                reserve = packet.length + packet.params.max_new_tokens
+                try:
+                    packet.check_compatible(self.lm.fingerprint, self.lm.dtype, self.layers,
+                                            self.kv_heads, self.head_dim)
+                    if not self.cache.ever_fits(reserve):
+                        raise IncompatibleKV(
+                            f"sequence needs {reserve} KV positions "
+                            f"({self.cache.pool_bytes(1, reserve) / 2**20:.1f} MiB), over the decode KV "
+                            f"budget of {self.cache.budget_bytes / 2**20:.1f} MiB")
+                except IncompatibleKV as e:
+                    self._packets.popleft()
+                    fut.set_result(SequenceOutput.failed(packet.seq_id, str(e), len(packet.prompt_ids),
+                                                         packet.prefill_worker))
+                    continue
+                if not self.cache.fits(reserve):
+                    return  # wait for running sequences to finish
+                self._packets.popleft()
+                self.cache.add(packet.kv, reserve)
+                self.active.append(_Seq(packet.seq_id, packet.params, packet.length, [packet.first_token],
+                                        packet.arrival_time, packet.first_token_time,
+                                        packet.prefill_worker, packet.nbytes, transfer_s, fut))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        n = len(self.active)
+        ids = torch.tensor([[s.gen_ids[-1]] for s in self.active], dtype=torch.long, device=self.lm.device)
+        pos, mask = self.cache.begin_step()
+        kw = {self._cache_kw: self.cache}
+        logits = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **kw).logits[:, -1]
+        self.cache.end_step()
+        nxt = sample_next(logits, [s.params for s in self.active], [len(s.gen_ids) for s in self.active])
+        now = time.time()
+        done = []
+        for i, (s, tok) in enumerate(zip(self.active, nxt)):
+            s.gen_ids.append(tok)
+            reason = self.stops.check(s.params, s.gen_ids)
+            if reason:
+                done.append((i, reason))
+        for i, reason in reversed(done):  # descending: moving the last slot keeps indices valid
+            s = self.active[i]
+            s.future.set_result(self.stops.output(
+                s.packet_id, s.params, s.prompt_len, s.gen_ids, reason, s.arrival, s.first_token_time, now,
+                prefill_worker=s.prefill_worker, decode_worker=self.worker_name, kv_bytes=s.kv_bytes,
+                kv_transfer_s=s.kv_transfer_s))
+            self._drop(i)
+        self.stats.record(n, time.perf_counter() - t0)
+
+    def _drop(self, i: int) -> None:
+        with self._cv:
+            self.cache.remove(i)
+            last = self.active.pop()
+            if i < len(self.active):
+                self.active[i] = last
+
+    def _fail_all(self, why: str) -> None:
+        with self._cv:
+            pending = [f for _, f, _ in self._packets] + [f for _, f in self._prompts]
+            self._packets.clear()
+            self._prompts.clear()
+            active, self.active = self.active, []
+            self.cache.lengths = []
+        for s in active:
+            if not s.future.done():
+                s.future.set_result(SequenceOutput.failed(s.packet_id, why, s.prompt_len, s.prefill_worker))
+        for f in pending:
+            if not f.done():
+                f.set_exception(RuntimeError(why))
+
+
+def generate(lm: LoadedModel, requests: list[Request], *, colocated: bool = True,
+             max_batch_tokens: int = 8192, kv_budget_bytes: int = 1 << 30,
+             max_num_seqs: int = 128) -> list[SequenceOutput]:
+    """In-process convenience: prefill + decode for a list of requests, outputs in order."""
+    prefill = PrefillEngine(lm, max_batch_tokens)
+    engine = DecodeEngine(lm, kv_budget_bytes=kv_budget_bytes, max_num_seqs=max_num_seqs,
+                          prefill=prefill if colocated else None)
+    try:
+        if colocated:
+            futs = [engine.submit_request(r) for r in requests]
+            return [f.result() for f in futs]
+        out = []
+        for res in prefill.run(requests):
+            out.append(engine.submit(res) if isinstance(res, KVPacket) else res)
+        return [o.result() if isinstance(o, Future) else o for o in out]
+    finally:
+        engine.close()
+
+
+__all__ = ["DecodeEngine", "generate", "kv_shape", "validate_request"]

@@ -1,0 +1,130 @@
+"""The decode worker's KV cache: a slot pool that continuous batching can grow and shrink
+without copying the other sequences.
+
+Per layer, keys and values live in one tensor [slots, kv_heads, max_len, head_dim]. The active
+sequences always occupy slots 0..n-1, so the batch the model sees is a view `[:n, :, :L]`
+(no gather, no re-padding). A finishing sequence's slot is refilled by moving the LAST active
+sequence into it: one sequence copied, never the whole batch. Each sequence reserves
+prompt + max_new_tokens positions at admission, so it never needs to grow mid-generation; the
+pool itself grows (rarely, amortized by doubling) up to the memory budget.
+
+It plugs into Hugging Face models as a `Cache`: `update()` writes each step's new K/V at each
+sequence's own position and returns the views. Positions and the attention mask come from the
+engine, so left/right padding never enters the picture.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKVCache(Cache):
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, budget_bytes: int, max_slots: int = 256):
+        super().__init__(layers=[])
+        self.num_layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.budget_bytes, self.max_slots = budget_bytes, max_slots
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.slots = 0  # allocated capacity
+        self.max_len = 0
+        self.lengths: list[int] = []  # tokens held per active slot
+        self._rows = self._pos = None
+        self._kv_len = 0
+
+    # --- capacity ----------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def pool_bytes(self, slots: int, max_len: int) -> int:
+        return slots * max_len * self.bytes_per_token()
+
+    @property
+    def n(self) -> int:
+        return len(self.lengths)
+
+    def fits(self, reserve_len: int) -> bool:
+        """Can one more sequence needing `reserve_len` positions be admitted now?"""
+        if self.n + 1 > self.max_slots:
+            return False
+        need_slots, need_len = max(self.slots, self.n + 1), max(self.max_len, reserve_len)
+        return self.pool_bytes(need_slots, need_len) <= self.budget_bytes
+
+    def ever_fits(self, reserve_len: int) -> bool:
+        return self.pool_bytes(1, reserve_len) <= self.budget_bytes
+
+    def _grow(self, need_slots: int, need_len: int) -> None:
+        if need_slots <= self.slots and need_len <= self.max_len:
+            return
+
+        def target(need, cap, limit_fn):
+            # double when the budget allows (few reallocations), else take exactly what is needed
+            want = max(need, 2 * cap)
+            return want if limit_fn(want) else need
+
+        slots = target(need_slots, self.slots,
+                       lambda s: s <= self.max_slots and self.pool_bytes(s, max(need_len, self.max_len)) <= self.budget_bytes)
+        length = target(-(-need_len // 64) * 64, self.max_len,
+                        lambda t: self.pool_bytes(slots, t) <= self.budget_bytes)
+        length = max(length, need_len)
+        shape = (slots, self.kv_heads, length, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if self.n:
+            for layer in range(self.num_layers):  # amortized: happens O(log) times per job
+                new_k[layer][:self.n, :, :self.max_len] = self.k[layer][:self.n]
+                new_v[layer][:self.n, :, :self.max_len] = self.v[layer][:self.n]
+        self.k, self.v, self.slots, self.max_len = new_k, new_v, slots, length
+
+    # --- sequences -----------------------------------------------------------------------
+    def add(self, kv: torch.Tensor, reserve_len: int) -> int:
+        """Copy a packet's KV [layers, 2, kv_heads, len, head_dim] into the next slot."""
+        length = kv.shape[3]
+        self._grow(self.n + 1, max(reserve_len, length))
+        slot = self.n
+        kv = kv.to(self.device, non_blocking=True)
+        for layer in range(self.num_layers):
+            self.k[layer][slot, :, :length] = kv[layer, 0]
+            self.v[layer][slot, :, :length] = kv[layer, 1]
+        self.lengths.append(length)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free `slot` by moving the last sequence into it (one sequence copied)."""
+        last = self.n - 1
+        if slot != last:
+            length = self.lengths[last]
+            for layer in range(self.num_layers):
+                self.k[layer][slot, :, :length] = self.k[layer][last, :, :length]
+                self.v[layer][slot, :, :length] = self.v[layer][last, :, :length]
+            self.lengths[slot] = length
+        self.lengths.pop()
+
+    # --- one decode step -------------------------------------------------------------------
+    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids [n, 1] and a boolean attention mask [n, 1, 1, L] for one new token each."""
+        pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+        self._kv_len = max(self.lengths) + 1
+        self._rows = torch.arange(self.n, device=self.device)
+        self._pos = pos
+        mask = torch.arange(self._kv_len, device=self.device)[None, :] <= pos[:, None]
+        return pos[:, None], mask[:, None, None, :]
+
+    def end_step(self) -> None:
+        self.lengths = [x + 1 for x in self.lengths]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n, L = self.n, self._kv_len
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k[self._rows, :, self._pos] = key_states[:, :, 0]
+        v[self._rows, :, self._pos] = value_states[:, :, 0]
+        return k[:n, :, :L], v[:n, :, :L]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,120 @@
+"""The KV packet: what a prefill worker hands a decode worker for one sequence.
+
+All layers' keys and values of the real prompt tokens (no padding) live in ONE contiguous
+tensor shaped [layers, 2, kv_heads, length, head_dim]. Dask ships it as a small header plus a
+single raw frame (no per-layer Python objects), and `dask.sizeof` sees its true size so memory
+accounting and transfer batching work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import IncompatibleKV
+from .sampling import SamplingParams
+
+
+@dataclass
+class KVPacket:
+    seq_id: str
+    prompt_ids: list[int]
+    first_token: int
+    kv: torch.Tensor  # [layers, 2, kv_heads, length, head_dim], contiguous
+    fingerprint: str
+    params: SamplingParams
+    arrival_time: float  # when the prefill side received the request
+    first_token_time: float  # when the first token was sampled
+    prefill_worker: str | None = None
+    created: float = field(default_factory=time.time)
+
+    @property
+    def length(self) -> int:
+        return int(self.kv.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def check_compatible(self, fingerprint: str, dtype: torch.dtype, layers: int, kv_heads: int,
+                         head_dim: int) -> None:
+        if self.fingerprint != fingerprint:
+            raise IncompatibleKV(f"KV packet for {self.seq_id!r} was made by a different model "
+                                 f"(fingerprint {self.fingerprint}, this worker has {fingerprint})")
+        if self.kv.dtype != dtype:
+            raise IncompatibleKV(f"KV packet for {self.seq_id!r} has dtype {self.kv.dtype}, "
+                                 f"decode engine runs {dtype}")
+        want = (layers, 2, kv_heads, head_dim)
+        got = (self.kv.shape[0], self.kv.shape[1], self.kv.shape[2], self.kv.shape[4])
+        if got != want:
+            raise IncompatibleKV(f"KV packet for {self.seq_id!r} has shape {tuple(self.kv.shape)}, "
+                                 f"expected [layers, 2, kv_heads, len, head_dim] = {want}")
+        if self.length != len(self.prompt_ids):
+            raise IncompatibleKV(f"KV packet for {self.seq_id!r} holds {self.length} positions "
+                                 f"for a {len(self.prompt_ids)}-token prompt")
+
+    # --- serialization: header (plain data) + one raw frame --------------------------------
+    def header(self) -> dict:
+        return {
+            "seq_id": self.seq_id, "prompt_ids": self.prompt_ids, "first_token": self.first_token,
+            "fingerprint": self.fingerprint, "params": self.params.to_dict(),
+            "arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+            "prefill_worker": self.prefill_worker, "created": self.created,
+            "dtype": str(self.kv.dtype).removeprefix("torch."), "shape": list(self.kv.shape),
+        }
+
+    def frame(self) -> memoryview:
+        # A byte view works for every dtype, bf16 included (numpy has no bf16).
+        return memoryview(self.kv.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+
+    @classmethod
+    def from_parts(cls, header: dict, frame) -> "KVPacket":
+        dtype = getattr(torch, header["dtype"])
+        buf = bytearray(frame) if isinstance(frame, bytes) else frame  # frombuffer needs writable
+        kv = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(header["shape"])
+        return cls(seq_id=header["seq_id"], prompt_ids=list(header["prompt_ids"]),
+                   first_token=header["first_token"], kv=kv, fingerprint=header["fingerprint"],
+                   params=SamplingParams(**header["params"]), arrival_time=header["arrival_time"],
+                   first_token_time=header["first_token_time"],
+                   prefill_worker=header["prefill_worker"], created=header["created"])
+
+    def __reduce__(self):
+        # Plain pickle (and Dask's pickle fallback) goes through the same header + raw buffer.
+        return (_unpickle, (self.header(), pickle_buffer(self.frame())))
+
+
+def pickle_buffer(view: memoryview):
+    import pickle
+
+    return pickle.PickleBuffer(view)
+
+
+def _unpickle(header: dict, frame) -> KVPacket:
+    return KVPacket.from_parts(header, memoryview(frame))
+
+
+def register_dask() -> None:
+    """Teach Dask to ship KV packets and to count torch tensors at their real size."""
+    from dask.sizeof import sizeof
+    from distributed.protocol import dask_deserialize, dask_serialize
+
+    @dask_serialize.register(KVPacket)
+    def _ser(p: KVPacket):
+        return p.header(), [p.frame()]
+
+    @dask_deserialize.register(KVPacket)
+    def _de(header, frames):
+        return KVPacket.from_parts(header, frames[0])
+
+    @sizeof.register(KVPacket)
+    def _sizeof_packet(p: KVPacket) -> int:
+        return p.nbytes + 64 * len(p.prompt_ids) + 512
+
+    @sizeof.register(torch.Tensor)
+    def _sizeof_tensor(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size() + 128
+
+
+register_dask()

@@ -1,0 +1,108 @@
+"""Per-sequence sampling that does not depend on batching.
+
+Each sequence draws one uniform number per generated token from a counter-based hash of
+(seed, step). No shared torch RNG state is consumed, so a row samples the same tokens whichever
+rows share its batch, whichever worker runs it and whether it was prefilled on another host.
+Temperature 0 means greedy (as in vLLM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value; the caller turns it into a row error."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, step)."""
+    h = splitmix64(splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    return (h >> 11) * (1.0 / (1 << 53))
+
+
+def row_seed(job_seed: int, row_id: str) -> int:
+    """Default per-row seed: stable across runs, workers and Python processes (no hash())."""
+    h = job_seed & _MASK64
+    for b in row_id.encode("utf-8"):
+        h = splitmix64(h ^ b)
+    return h & ((1 << 63) - 1)
+
+
+def sample_next(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """One token per row of `logits` [n, vocab]; `steps[i]` is how many tokens row i has generated."""
+    out = logits.argmax(dim=-1).tolist()
+    for i, (p, step) in enumerate(zip(params, steps)):
+        if not p.greedy:
+            out[i] = _sample_row(logits[i], p, uniform(p.seed, step))
+    return out
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, u: float) -> int:
+    # Inverse-CDF sampling with one uniform draw; the work is row-local, so the result cannot
+    # depend on what else is in the batch.
+    scaled = logits.float() / p.temperature
+    top_k = p.top_k if p.top_k > 0 else 0
+    if top_k == 0 and p.top_p >= 1.0:
+        probs = torch.softmax(scaled, dim=-1)
+        idx = None
+    else:
+        if top_k:
+            scaled, idx = torch.topk(scaled, min(top_k, scaled.numel()))
+        else:
+            scaled, idx = torch.sort(scaled, descending=True)
+        probs = torch.softmax(scaled, dim=-1)
+        if p.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            before = torch.cumsum(probs, dim=-1) - probs
+            probs = torch.where(before < p.top_p, probs, torch.zeros_like(probs))
+    cdf = torch.cumsum(probs, dim=-1)
+    pos = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)).item())
+    pos = min(pos, cdf.numel() - 1)
+    while probs[pos] == 0 and pos > 0:  # never land on a filtered-out token at the edge
+        pos -= 1
+    return int(idx[pos]) if idx is not None else pos

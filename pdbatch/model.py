@@ -85,6 +85,9 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
                max_model_len: int | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in job logs
 
     p = check_model_dir(path)
     dev = resolve_device(device)

@@ -1,0 +1,110 @@
+"""`pdbatch` command line. Exit codes: 0 success, 1 failed job, 2 user error (one line, no
+traceback), 130 interrupted (the output directory stays resumable)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import MODES, build_config
+from .errors import UserError
+
+
+def job_options(f):
+    """Options shared by `run` and `submit` (the same keys a job file may set)."""
+    opts = [
+        click.option("--config", "config_file", type=str, help="TOML job file with the same keys as these options; command-line options win."),
+        click.option("--model", type=str, help="Hugging Face causal LM directory (config, weights, tokenizer). Default: the bundled random-weight tiny model in data/tiny-llama."),
+        click.option("--prompt-column", type=str, help="Column with the prompt text (default: prompt). Without it, a `messages` column (list of {role, content}) is used through the model's chat template."),
+        click.option("--id-column", type=str, help="Column with row ids (default: FILE:ROW, stable across runs)."),
+        click.option("--keep-columns", type=str, multiple=True, help="Input columns to copy into the output (repeat or comma-separate)."),
+        click.option("--max-new-tokens", type=int, help="Tokens to generate per row (default 256; a `max_new_tokens` column overrides per row)."),
+        click.option("--temperature", type=float, help="0 means greedy (default 0); `temperature` column overrides."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1] (default 1)."),
+        click.option("--top-k", type=int, help="Sample from the k most likely tokens; 0 or -1 disables (default)."),
+        click.option("--seed", type=int, help="Job seed; each row's seed is derived from it and the row id unless a `seed` column gives one."),
+        click.option("--stop", type=str, multiple=True, help="Stop string (repeatable); the text is cut before it."),
+        click.option("--stop-token-ids", type=int, multiple=True, help="Extra token ids that end a row (repeatable)."),
+        click.option("--ignore-eos/--no-ignore-eos", default=None, help="Keep generating past EOS (benchmarks)."),
+        click.option("--mode", type=str, help=f"{' or '.join(MODES)} (default disaggregated)."),
+        click.option("--prefill-workers", type=int, help="Prefill workers in the embedded cluster (default 1)."),
+        click.option("--decode-workers", type=int, help="Decode workers in the embedded cluster (default 1)."),
+        click.option("--threads-per-worker", type=int, help="Torch threads per worker (default: cores / workers)."),
+        click.option("--protocol", type=str, help="Dask comm: tcp, ucxx, or auto (ucxx with GPUs, tcp otherwise)."),
+        click.option("--interface", type=str, help="Network interface for workers (e.g. ib0) on multi-node runs."),
+        click.option("--scheduler-address", type=str, help="Use a running Dask scheduler instead of an embedded cluster."),
+        click.option("--scheduler-file", type=str, help="Use the Dask scheduler described by this scheduler file."),
+        click.option("--dashboard-address", type=str, help="Where the embedded cluster's dashboard listens (default 127.0.0.1:0, a free port)."),
+        click.option("--dtype", type=str, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+        click.option("--device", type=str, help="auto, cpu, cuda."),
+        click.option("--max-model-len", type=int, help="Cap the context window (default: the model's)."),
+        click.option("--max-batch-tokens", type=int, help="Padded tokens per prefill batch (default 8192)."),
+        click.option("--max-num-seqs", type=int, help="Most sequences one decode worker runs at once (default 128)."),
+        click.option("--kv-budget", type=str, help="KV cache memory per decode worker, e.g. 512MiB, 8GiB (default 2GiB)."),
+        click.option("--unit-rows", type=int, help="Rows per work unit (default 128): the grain of scheduling and resume."),
+        click.option("--max-inflight-units", type=int, help="Units in flight at once (default 2 x workers + 2); bounds memory."),
+        click.option("--progress", type=str, help="auto (bar on a terminal, log lines otherwise), bar, log, none."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pdbatch")
+def cli():
+    """Offline batch LLM inference with prefill/decode disaggregation on Dask."""
+
+
+@cli.command()
+@click.argument("input", type=str)
+@click.option("-o", "--output", type=str, required=True, help="Output directory (Parquet shards + _pdbatch/).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace OUTPUT if it holds other data or another run.")
+@job_options
+def run(input, output, config_file, **options):
+    """Generate a completion for every row of INPUT (a Parquet file, directory or glob).
+
+    Rerunning the same command resumes: finished units are skipped.
+    """
+    from .runner import run_job
+
+    cfg = build_config({"input": input, "output": output, **_cli_values(options)}, config_file)
+    report = run_job(cfg)
+    return 0 if report["rows"] == report["rows_expected"] else 1
+
+
+def _cli_values(options: dict) -> dict:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, tuple):
+            v = list(v) if v else None
+        out[k] = v
+    return out
+
+
+def main(argv=None) -> None:
+    from .pipeline import JobFailed
+
+    try:
+        rv = cli.main(args=argv, prog_name="pdbatch", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("pdbatch: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"pdbatch: error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except UserError as e:
+        click.echo(f"pdbatch: error: {e}", err=True)
+        sys.exit(2)
+    except JobFailed as e:
+        click.echo(f"pdbatch: job failed: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("pdbatch: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Getting a Dask cluster: the embedded local one, or an existing scheduler.
+
+The embedded cluster is a scheduler in the driver process plus separate worker processes
+(Nannies), each started with its role as a resource (`prefill=1` or `decode=1`): roles are
+fixed at start, never changed on a live worker. It listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import dask
+
+from .config import JobConfig
+from .errors import UserError
+
+# UCX on a CPU host runs over TCP; the memtype-cache warning is harmless noise (DESIGN.md).
+UCX_CPU_ENV = {"UCX_TLS": "tcp", "UCX_WARN_UNUSED_ENV_VARS": "n", "UCX_MEMTYPE_CACHE": "n"}
+
+
+def resolve_protocol(cfg: JobConfig, gpus: int) -> str:
+    if cfg.protocol != "auto":
+        return cfg.protocol
+    return "ucxx" if gpus else "tcp"
+
+
+def ensure_ucxx(protocol: str, gpus: int) -> None:
+    if protocol != "ucxx":
+        return
+    try:
+        import distributed_ucxx  # noqa: F401  (registers the "ucxx" comm backend)
+    except ImportError:
+        raise UserError("--protocol ucxx needs UCXX: pip install 'pdbatch[ucx]' "
+                        "(distributed-ucxx-cu12 or -cu13)") from None
+    if not gpus:
+        for k, v in UCX_CPU_ENV.items():
+            os.environ.setdefault(k, v)
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def worker_threads(cfg: JobConfig, workers: int) -> int:
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def quiet_dask_logs() -> None:
+    dask.config.set({"distributed.admin.log-format": "%(name)s - %(levelname)s - %(message)s"})
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
+                 "distributed.core", "distributed.http.proxy", "bokeh", "bokeh.server.util"):
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("bokeh") else logging.WARNING)
+
+
+def worker_specs(cfg: JobConfig, protocol: str, threads: int) -> dict:
+    from distributed import Nanny
+
+    def spec(resources):
+        return {"cls": Nanny, "options": {
+            "nthreads": 1, "resources": resources, "host": "127.0.0.1", "protocol": protocol,
+            "memory_limit": 0, "dashboard": False, "silence_logs": logging.WARNING,
+            "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                    "TOKENIZERS_PARALLELISM": "false"}}}
+
+    specs = {}
+    for i in range(cfg.prefill_workers):
+        specs[f"prefill-{i}"] = spec({"prefill": 1})
+    for i in range(cfg.decode_workers):
+        specs[f"decode-{i}"] = spec({"decode": 1})
+    return specs
+
+
+@contextlib.contextmanager
+def connect(cfg: JobConfig):
+    """Yield (client, protocol, dashboard_link) and shut the embedded cluster down at exit."""
+    from distributed import Client, Scheduler, SpecCluster
+
+    quiet_dask_logs()
+    gpus = gpu_count()
+    if cfg.scheduler_address or cfg.scheduler_file:
+        if cfg.scheduler_file and not os.path.isfile(cfg.scheduler_file):
+            raise UserError(f"scheduler file not found: {cfg.scheduler_file}")
+        address = cfg.scheduler_address or ""
+        protocol = address.split("://")[0] if "://" in address else resolve_protocol(cfg, gpus)
+        ensure_ucxx(protocol, gpus)
+        try:
+            client = Client(address=cfg.scheduler_address, scheduler_file=cfg.scheduler_file, timeout=60)
+        except (OSError, TimeoutError) as e:
+            raise UserError(f"cannot reach the Dask scheduler: {e}") from None
+        try:
+            yield client, protocol, client.dashboard_link
+        finally:
+            client.close()
+        return
+
+    protocol = resolve_protocol(cfg, gpus)
+    ensure_ucxx(protocol, gpus)
+    scheduler = {"cls": Scheduler, "options": {
+        "protocol": protocol, "host": "127.0.0.1", "dashboard_address": cfg.dashboard_address,
+        "dashboard": True}}
+    threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
+    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads), scheduler=scheduler,
+                          silence_logs=logging.WARNING, name="pdbatch")
+    try:
+        client = Client(cluster)
+        try:
+            yield client, protocol, client.dashboard_link
+        finally:
+            client.close()
+    finally:
+        cluster.close(timeout=30)

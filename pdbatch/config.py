@@ -1,0 +1,173 @@
+"""Job options: one dataclass that the CLI, TOML job files and Slurm submission all fill.
+
+Precedence: built-in defaults < job file (`--config jobs/NAME.toml`) < command line. Keys in a
+job file are the long option names with '_' or '-' (e.g. `max_new_tokens = 128`); an unknown
+key is a user error, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+from .sampling import SamplingParams
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "tiny-llama")
+MODES = ("disaggregated", "colocated")
+PROTOCOLS = ("tcp", "ucxx", "auto")
+
+
+@dataclass
+class JobConfig:
+    input: str | None = None
+    output: str | None = None
+    model: str = DEFAULT_MODEL
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    keep_columns: list[str] = field(default_factory=list)
+    # sampling defaults (per-row columns max_new_tokens/temperature/top_p/top_k/seed win)
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    # cluster and scheduling
+    mode: str = "disaggregated"
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    threads_per_worker: int = 0  # 0: cores / workers
+    protocol: str = "auto"  # tcp on CPU, ucxx when GPUs are used
+    interface: str | None = None
+    scheduler_address: str | None = None
+    scheduler_file: str | None = None
+    dashboard_address: str = "127.0.0.1:0"
+    # engine
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int = 0  # 0: the model's own
+    max_batch_tokens: int = 8192
+    max_num_seqs: int = 128
+    kv_budget: str = "2GiB"
+    unit_rows: int = 128
+    max_inflight_units: int = 0  # 0: 2 x workers + 2
+    overwrite: bool = False
+    progress: str = "auto"  # auto | bar | log | none
+    # Slurm (used by `pdbatch submit`)
+    slurm: dict = field(default_factory=dict)
+
+    # --- derived values -------------------------------------------------------------------
+    def default_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, max_new_tokens=self.max_new_tokens,
+                              stop_token_ids=list(self.stop_token_ids), stop=list(self.stop),
+                              ignore_eos=self.ignore_eos)
+
+    def kv_budget_bytes(self) -> int:
+        return parse_size(self.kv_budget)
+
+    def inflight_units(self) -> int:
+        return self.max_inflight_units or 2 * (self.prefill_workers + self.decode_workers) + 2
+
+    def result_options(self) -> dict:
+        """Options that change the output rows: a resume must use the same ones."""
+        keys = ("model", "prompt_column", "id_column", "keep_columns", "max_new_tokens", "temperature",
+                "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "dtype",
+                "max_model_len", "unit_rows")
+        d = asdict(self)
+        out = {k: d[k] for k in keys}
+        out["model"] = os.path.abspath(self.model)
+        return out
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        for name in ("prefill_workers", "decode_workers", "unit_rows", "max_batch_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.mode == "disaggregated" and self.scheduler_address is None and self.scheduler_file is None \
+                and (self.prefill_workers < 1 or self.decode_workers < 1):
+            raise UserError("disaggregated mode needs at least one prefill and one decode worker")
+        if self.scheduler_address and self.scheduler_file:
+            raise UserError("give --scheduler-address or --scheduler-file, not both")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise UserError(f"--progress must be auto, bar, log or none, got {self.progress!r}")
+        try:
+            self.default_params().validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.kv_budget_bytes()
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read size {text!r} (use e.g. 512MiB, 2GiB, 1e9)")
+    num = float(m.group(1))
+    mult = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+    base = 1024 if m.group(3) or m.group(2) == "" else 1000
+    return int(num * base ** mult)
+
+
+FIELD_NAMES = {f.name for f in fields(JobConfig)}
+
+
+def load_job_file(path: str) -> dict:
+    """A TOML job file as a dict of JobConfig field values (relative paths kept as written)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"job file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"job file {path} is not valid TOML: {e}") from None
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_NAMES:
+            raise UserError(f"unknown key {key!r} in job file {path}")
+        out[name] = value
+    return out
+
+
+def build_config(cli_values: dict, job_file: str | None = None) -> JobConfig:
+    """Defaults < job file < the command-line values that were given (not None)."""
+    values: dict = {}
+    if job_file:
+        values.update(load_job_file(job_file))
+    values.update({k: v for k, v in cli_values.items() if v is not None and v != ()})
+    for k in ("keep_columns", "stop"):
+        if isinstance(values.get(k), str):
+            values[k] = [values[k]]
+    if isinstance(values.get("keep_columns"), list):  # allow "a,b" as well as repeated options
+        values["keep_columns"] = [c for v in values["keep_columns"] for c in str(v).split(",") if c]
+    try:
+        cfg = JobConfig(**values)
+    except TypeError as e:
+        raise UserError(f"bad job options: {e}") from None
+    _check_types(cfg)
+    cfg.validate()
+    return cfg
+
+
+def _check_types(cfg: JobConfig) -> None:
+    for f in fields(JobConfig):
+        v = getattr(cfg, f.name)
+        want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type).split(" |")[0])
+        if want is not None and v is not None and not isinstance(v, want) or \
+                (want is int and isinstance(v, bool)):
+            raise UserError(f"option {f.name} must be {str(f.type).split(' |')[0]}, got {v!r}")

@@ -1,0 +1,141 @@
+"""The functions Dask runs for each work unit. Their keys are named `prefill-<unit>`,
+`decode-<unit>`, `generate-<unit>` (colocated) and `write-<unit>`, so the dashboard's task
+stream shows the phases in different colours.
+
+The prefill result (KV packets) stays on the prefill worker until the decode task, placed on a
+decode worker, needs it: Dask then moves it worker-to-worker over the cluster's comm (tcp, or
+UCXX on GPU clusters).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyarrow as pa
+from distributed import get_worker, rejoin, secede
+
+from .dataset import ROW_ID
+from .kv_packet import KVPacket
+from .output import outputs_to_table, write_shard
+from .prompts import RowError, encode_prompt
+from .sampling import SamplingParams, row_seed
+from .sequence import Request, SequenceOutput
+from .worker import host
+
+
+def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, tokenizer,
+                   worker: str | None) -> tuple[list[Request | None], list[SequenceOutput | None]]:
+    """Per row: a Request, or a failed output saying what is wrong with the row."""
+    ids = rows.column(ROW_ID).to_pylist()
+    prompts = rows.column(columns["prompt"]).to_pylist() if columns.get("prompt") else [None] * len(ids)
+    messages = rows.column(columns["messages"]).to_pylist() if columns.get("messages") else None
+    overrides = {c: rows.column(c).to_pylist() for c in columns.get("sampling", [])}
+    reqs: list[Request | None] = []
+    fails: list[SequenceOutput | None] = []
+    now = time.time()
+    for i, rid in enumerate(ids):
+        try:
+            params = _row_params(defaults, {c: v[i] for c, v in overrides.items()}, rid)
+            prompt_ids = encode_prompt(tokenizer, prompts[i], messages[i] if messages else None)
+        except RowError as e:
+            reqs.append(None)
+            fails.append(SequenceOutput.failed(rid, str(e), 0, worker))
+            continue
+        reqs.append(Request(rid, prompt_ids, params, arrival_time=now))
+        fails.append(None)
+    return reqs, fails
+
+
+def _row_params(defaults: SamplingParams, row: dict, rid: str) -> SamplingParams:
+    p = SamplingParams(**defaults.to_dict())
+    for name, value in row.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # a null cell means "use the job's default"
+        if name in ("max_new_tokens", "top_k", "seed"):
+            if isinstance(value, float) and not value.is_integer():
+                raise RowError(f"{name} must be an integer, got {value!r}")
+            try:
+                value = int(value)
+            except (TypeError, ValueError, OverflowError):
+                raise RowError(f"{name} must be an integer, got {value!r}") from None
+        elif name in ("temperature", "top_p"):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise RowError(f"{name} must be a number, got {value!r}") from None
+        setattr(p, name, value)
+    if "seed" not in row or row["seed"] is None:
+        p.seed = row_seed(defaults.seed, rid)  # stable per row, independent of batching
+    try:
+        p.validate()
+    except ValueError as e:
+        raise RowError(str(e)) from None
+    return p
+
+
+def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> list:
+    """KV packets (and rows already finished or failed), in row order."""
+    h = host()
+    engine = h.prefill
+    reqs, fails = build_requests(rows, columns, defaults, engine.lm.tokenizer, engine.worker_name)
+    results = engine.run([r for r in reqs if r is not None])
+    it = iter(results)
+    return [f if f is not None else next(it) for f in fails]
+
+
+def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:
+    """Hand the unit's packets to this worker's long-lived decode engine and wait for them."""
+    h = host()
+    transfer_s = _transfer_seconds(prefill_key)
+    futs = [h.decode.submit(p, transfer_s) if isinstance(p, KVPacket) else p for p in prefilled]
+    secede()  # waiting is not work: free the thread slot while the engine decodes
+    try:
+        return [f.result() if not isinstance(f, SequenceOutput) else f for f in futs]
+    finally:
+        rejoin()
+
+
+def generate_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> list[SequenceOutput]:
+    """Colocated mode: this worker's single engine does prefill and decode, interleaved."""
+    h = host()
+    reqs, fails = build_requests(rows, columns, defaults, h.decode.lm.tokenizer, h.decode.worker_name)
+    futs = [h.decode.submit_request(r) if r is not None else f for r, f in zip(reqs, fails)]
+    secede()
+    try:
+        return [f.result() if not isinstance(f, SequenceOutput) else f for f in futs]
+    finally:
+        rejoin()
+
+
+def write_unit(outputs: list[SequenceOutput], keep: pa.Table | None, out_dir: str, unit_id: str) -> dict:
+    """Write the unit's shard atomically; return the figures the driver aggregates."""
+    table = outputs_to_table(outputs, keep)
+    write_shard(out_dir, unit_id, table)
+    ok = [o for o in outputs if o.error is None]
+    return {
+        "unit": unit_id, "rows": len(outputs), "errors": len(outputs) - len(ok),
+        "prompt_tokens": sum(o.num_prompt_tokens for o in outputs),
+        "output_tokens": sum(o.num_generated_tokens for o in ok),
+        "ttft_s": [o.ttft_s for o in ok if o.ttft_s is not None],
+        "tpot_s": [o.tpot_s for o in ok if o.tpot_s is not None],
+        "kv_bytes": sum(o.kv_bytes for o in ok if o.prefill_worker != o.decode_worker),
+        "kv_transfer_s": max((o.kv_transfer_s or 0.0 for o in ok), default=0.0),
+        "rows_by_decode_worker": _count(o.decode_worker for o in ok),
+        "rows_by_prefill_worker": _count(o.prefill_worker for o in ok),
+        "writer": str(get_worker().name),
+    }
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        if v is not None:
+            out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+def _transfer_seconds(dep_key: str) -> float:
+    """Seconds this worker spent fetching `dep_key` from another worker (0 if it was local)."""
+    log = get_worker().transfer_incoming_log
+    return sum(e["duration"] for e in log if dep_key in e.get("keys", {}))

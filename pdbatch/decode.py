@@ -75,7 +75,7 @@ class DecodeEngine:
         self.prefill = prefill  # set in colocated mode
         self.layers, self.kv_heads, self.head_dim = kv_shape(lm)
         self.cache = SlotKVCache(self.layers, self.kv_heads, self.head_dim, lm.dtype, lm.device,
-                                 kv_budget_bytes, max_num_seqs)
+                                 kv_budget_bytes, max_num_seqs, len_limit=lm.max_model_len)
         self.stops = StopChecker(lm.tokenizer, lm.eos_token_ids)
         self.stats = DecodeStats()
         self.active: list[_Seq] = []  # index == KV slot

@@ -21,11 +21,11 @@ from transformers.cache_utils import Cache
 
 class SlotKVCache(Cache):
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, budget_bytes: int, max_slots: int = 256):
+                 device: torch.device, budget_bytes: int, max_slots: int = 256, len_limit: int = 1 << 20):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        self.budget_bytes, self.max_slots = budget_bytes, max_slots
+        self.budget_bytes, self.max_slots, self.len_limit = budget_bytes, max_slots, len_limit
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated capacity
@@ -58,17 +58,14 @@ class SlotKVCache(Cache):
     def _grow(self, need_slots: int, need_len: int) -> None:
         if need_slots <= self.slots and need_len <= self.max_len:
             return
-
-        def target(need, cap, limit_fn):
-            # double when the budget allows (few reallocations), else take exactly what is needed
-            want = max(need, 2 * cap)
-            return want if limit_fn(want) else need
-
-        slots = target(need_slots, self.slots,
-                       lambda s: s <= self.max_slots and self.pool_bytes(s, max(need_len, self.max_len)) <= self.budget_bytes)
-        length = target(-(-need_len // 64) * 64, self.max_len,
-                        lambda t: self.pool_bytes(slots, t) <= self.budget_bytes)
-        length = max(length, need_len)
+        need_slots, need_len = max(need_slots, self.slots), max(need_len, self.max_len)
+        # Double when the budget allows (few reallocations), else take exactly what is needed.
+        slots = min(max(need_slots, 2 * self.slots), self.max_slots)
+        if self.pool_bytes(slots, need_len) > self.budget_bytes:
+            slots = need_slots
+        length = min(max(-(-need_len // 64) * 64, 2 * self.max_len), self.len_limit)
+        if length < need_len or self.pool_bytes(slots, length) > self.budget_bytes:
+            length = need_len
         shape = (slots, self.kv_heads, length, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]

@@ -8,6 +8,7 @@ accounting and transfer batching work.
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -72,7 +73,8 @@ class KVPacket:
     @classmethod
     def from_parts(cls, header: dict, frame) -> "KVPacket":
         dtype = getattr(torch, header["dtype"])
-        buf = bytearray(frame) if isinstance(frame, bytes) else frame  # frombuffer needs writable
+        view = memoryview(frame)
+        buf = bytearray(view) if view.readonly else view  # torch wants a writable buffer
         kv = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(header["shape"])
         return cls(seq_id=header["seq_id"], prompt_ids=list(header["prompt_ids"]),
                    first_token=header["first_token"], kv=kv, fingerprint=header["fingerprint"],
@@ -80,15 +82,12 @@ class KVPacket:
                    first_token_time=header["first_token_time"],
                    prefill_worker=header["prefill_worker"], created=header["created"])
 
-    def __reduce__(self):
-        # Plain pickle (and Dask's pickle fallback) goes through the same header + raw buffer.
-        return (_unpickle, (self.header(), pickle_buffer(self.frame())))
-
-
-def pickle_buffer(view: memoryview):
-    import pickle
-
-    return pickle.PickleBuffer(view)
+    def __reduce_ex__(self, protocol):
+        # Plain pickle (and Dask's pickle fallback) goes through the same header + raw buffer;
+        # protocol 5 passes the buffer out of band (no copy).
+        frame = self.frame()
+        buf = pickle.PickleBuffer(frame) if protocol >= 5 else frame.tobytes()
+        return (_unpickle, (self.header(), buf))
 
 
 def _unpickle(header: dict, frame) -> KVPacket:

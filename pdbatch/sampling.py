@@ -27,6 +27,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
+    def __post_init__(self):
+        # lists may arrive as tuples (msgpack headers) or a bare string (a job file's `stop = "x"`)
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
     def validate(self) -> None:
         """Raise ValueError naming the bad value; the caller turns it into a row error."""
         t = self.temperature

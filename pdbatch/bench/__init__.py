@@ -1,0 +1,1 @@
+"""Measurement scripts (not tests). Each module runs with `python -m pdbatch.bench.<name>`."""

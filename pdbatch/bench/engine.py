@@ -1,0 +1,373 @@
+"""Engine benchmark: pdbatch's prefill + decode engines against Hugging Face `generate()` and
+transformers' own continuous batching, in one process, plus a roofline check of the decode step.
+
+    python -m pdbatch.bench.engine [--prompts 200] [--threads 1] [--out FILE.json]
+        [--systems pdbatch,pdbatch_sequential,hf_generate,generate_batch] [--seed 0]
+
+Workload: prompts of 32-512 random token ids (ids >= 3, so no special tokens), output lengths
+16-256 with EOS ignored, so every row generates exactly its own length; the random-weight
+~30M-parameter Llama of `pdbatch.toymodels` (BENCH_LLAMA_30M) in fp32. All systems share one
+model object and the same prompts. Throughput = useful output tokens / wall time, prefill
+included. Greedy outputs are compared row by row with hf_generate's, and a few rows with
+one-prompt-at-a-time `generate()` (batching with padding can flip near-ties in rare rows).
+
+Systems:
+  pdbatch             pdbatch.decode.generate(colocated=True): prefill batches interleaved
+                      with continuous-batching decode steps in one engine
+  pdbatch_sequential  colocated=False: prefill everything, then decode
+  hf_generate         model.generate, static batches of 16 prompts sorted by length, left padded;
+                      a batch runs to its longest output, only each row's own length counts
+  generate_batch      transformers' continuous batching (init_continuous_batching + add_request
+                      with per-request max_new_tokens), same token and KV budgets as pdbatch
+
+Roofline: R = single-thread fp32 GEMM rate (torch.matmul), P = parameters in Linear layers
+(lm_head included, the tied embedding counted once), and the decode step of DecodeEngine at
+fixed batch B is compared with the GEMM time B x 2 x P / R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import ContinuousBatchingConfig, GenerationConfig
+
+from pdbatch.decode import DecodeEngine, generate, kv_shape
+from pdbatch.kv_packet import KVPacket
+from pdbatch.model import LoadedModel, load_model
+from pdbatch.sampling import SamplingParams
+from pdbatch.sequence import Request
+from pdbatch.toymodels import BENCH_LLAMA_30M, build_llama
+
+SYSTEMS = ("pdbatch", "pdbatch_sequential", "hf_generate", "generate_batch")
+PROMPT_LEN = (32, 512)
+OUTPUT_LEN = (16, 256)
+FIRST_ID = 3  # ids 0-2 are pad/bos/eos in the toy tokenizer
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    out_lens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.out_lens)
+
+
+def make_workload(n: int, seed: int, vocab_size: int) -> Workload:
+    rng = random.Random(seed)
+    prompts, out_lens = [], []
+    for _ in range(n):
+        prompts.append([rng.randrange(FIRST_ID, vocab_size) for _ in range(rng.randint(*PROMPT_LEN))])
+        out_lens.append(rng.randint(*OUTPUT_LEN))
+    return Workload(prompts, out_lens)
+
+
+def model_dir(arg: str | None) -> Path:
+    """The benchmark model, built once per torch/transformers version (the weights depend on them)."""
+    if arg:
+        path = Path(arg)
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdbatch" / "bench"
+        path = cache / f"llama-30m-seed0-torch{torch.__version__}-tf{transformers.__version__}"
+    if not (path / "config.json").is_file():
+        # build next to the target and rename, so an interrupted build is never reused
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        build_llama(tmp, seed=0, **BENCH_LLAMA_30M)
+        tmp.rename(path)
+    return path
+
+
+# --- the systems: each returns the generated ids per row, in workload order ----------------
+
+def run_pdbatch(lm: LoadedModel, work: Workload, args, colocated: bool = True) -> list[list[int]]:
+    reqs = [Request(str(i), p, SamplingParams(max_new_tokens=k, ignore_eos=True))
+            for i, (p, k) in enumerate(zip(work.prompts, work.out_lens))]
+    outs = generate(lm, reqs, colocated=colocated, max_batch_tokens=args.max_batch_tokens,
+                    kv_budget_bytes=args.kv_budget_mib << 20, max_num_seqs=args.max_num_seqs)
+    failed = [o for o in outs if o.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} rows failed, first: {failed[0].error}")
+    return [o.output_token_ids for o in outs]
+
+
+def run_pdbatch_sequential(lm, work, args):
+    return run_pdbatch(lm, work, args, colocated=False)
+
+
+@contextmanager
+def eos_disabled(model):
+    """generate() fills every None field of the GenerationConfig it is given from
+    model.generation_config, so eos_token_id=None alone would still stop at the model's EOS."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def hf_generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+    """Greedy model.generate on left-padded prompts; returns only the generated ids [B, max_new_tokens]."""
+    pad = lm.tokenizer.pad_token_id or 0
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=pad)
+    with eos_disabled(lm.model):
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    return out[:, T:]
+
+
+def run_hf_generate(lm, work, args):
+    # Sorting by prompt length keeps padding small, as a careful user would; output lengths are
+    # unknown to a real user, so a batch decodes until its longest row is done.
+    order = sorted(range(len(work.prompts)), key=lambda i: len(work.prompts[i]))
+    outs: list = [None] * len(order)
+    for s in range(0, len(order), args.hf_batch_size):
+        idx = order[s:s + args.hf_batch_size]
+        gen = hf_generate_batch(lm, [work.prompts[i] for i in idx], max(work.out_lens[i] for i in idx))
+        for b, i in enumerate(idx):
+            outs[i] = gen[b, :work.out_lens[i]].tolist()
+    return outs
+
+
+def run_generate_batch(lm, work, args):
+    layers, kv_heads, head_dim = kv_shape(lm)
+    block_bytes = 256 * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize  # 256-token pages
+    # Same budgets as pdbatch: tokens per forward pass, sequences per batch, KV memory. Without
+    # num_blocks the paged cache would take 60% of the machine's RAM (and zero it).
+    cb_cfg = ContinuousBatchingConfig(max_batch_tokens=args.max_batch_tokens,
+                                      max_requests_per_batch=args.max_num_seqs,
+                                      num_blocks=(args.kv_budget_mib << 20) // block_bytes)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max(OUTPUT_LEN), eos_token_id=-1,  # -1: no EOS
+                               pad_token_id=lm.tokenizer.pad_token_id or 0)
+    manager = lm.model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg)
+    manager.start()
+    try:
+        for i, (p, k) in enumerate(zip(work.prompts, work.out_lens)):
+            manager.add_request(p, request_id=str(i), max_new_tokens=k)
+        done: dict[str, list[int]] = {}
+        while len(done) < len(work.prompts):
+            r = manager.get_result(timeout=120)
+            if r is None:
+                raise RuntimeError(f"generate_batch: no result in 120 s ({len(done)} rows done, "
+                                   f"manager running: {manager.is_running()})")
+            if r.error:
+                raise RuntimeError(f"generate_batch: request {r.request_id} failed: {r.error}")
+            if r.is_finished():
+                done[r.request_id] = list(r.generated_tokens)
+    finally:
+        manager.stop(block=True)
+    return [done[str(i)] for i in range(len(work.prompts))]
+
+
+RUNNERS = {"pdbatch": run_pdbatch, "pdbatch_sequential": run_pdbatch_sequential,
+           "hf_generate": run_hf_generate, "generate_batch": run_generate_batch}
+
+
+def timed(fn, lm, work, args) -> tuple[list[list[int]], float]:
+    t0 = time.perf_counter()
+    outs = fn(lm, work, args)
+    return outs, time.perf_counter() - t0
+
+
+def mismatches(outs, ref: dict[int, list[int]]) -> list[int]:
+    return [i for i, want in ref.items() if outs[i] != want]
+
+
+# --- roofline -----------------------------------------------------------------------------
+
+def gemm_gflops(m: int, k: int, n: int, seconds: float = 0.3, rounds: int = 3) -> float:
+    """Best of `rounds` timed loops of torch.matmul [m, k] x [k, n] (best: other load only slows)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        torch.matmul(a, b)
+    best = 0.0
+    for _ in range(rounds):
+        reps, t0 = 0, time.perf_counter()
+        while (dt := time.perf_counter() - t0) < seconds:
+            torch.matmul(a, b)
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / dt / 1e9)
+    return best
+
+
+def gemm_params(model: torch.nn.Module) -> int:
+    """Weights of all Linear layers; a tied lm_head shares its tensor with the embedding and is
+    counted once here (the embedding itself is a lookup, not a GEMM)."""
+    seen = {}
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            seen[mod.weight.data_ptr()] = mod.weight.numel()
+    return sum(seen.values())
+
+
+def decode_step_seconds(lm: LoadedModel, batch: int, prompt_len: int = 256, steps: int = 20) -> float:
+    """Median DecodeEngine step time with exactly `batch` sequences of ~prompt_len context.
+
+    The KV packets hold random values instead of a real prefill: step time does not depend on
+    the values, and it saves minutes of prefill."""
+    layers, kv_heads, head_dim = kv_shape(lm)
+    engine = DecodeEngine(lm, kv_budget_bytes=2 << 30, max_num_seqs=batch)
+    now = time.time()
+    warmup = 2
+    # A few extra tokens per row: the engine may start stepping before the last packet arrives,
+    # so the first rows can finish a step or two early; only steps at the full batch count.
+    params = SamplingParams(max_new_tokens=steps + warmup + 4, ignore_eos=True)
+    futs = [engine.submit(KVPacket(seq_id=str(i), prompt_ids=[FIRST_ID] * prompt_len, first_token=FIRST_ID + i,
+                                   kv=torch.randn(layers, 2, kv_heads, prompt_len, head_dim, dtype=lm.dtype),
+                                   fingerprint=lm.fingerprint, params=params, arrival_time=now,
+                                   first_token_time=now))
+            for i in range(batch)]
+    try:
+        for f in futs:
+            f.result()
+    finally:
+        engine.close()
+    full = [dt for n, dt in engine.stats.step_log if n == batch][warmup:warmup + steps]
+    return statistics.median(full)
+
+
+def roofline(lm: LoadedModel, batches=(32, 64)) -> dict:
+    cfg = lm.model.config
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    P = gemm_params(lm.model)
+    out = {"gemm_params": P, "gflops_1024": gemm_gflops(1024, 1024, 1024), "batches": {}}
+    for B in batches:
+        rate = gemm_gflops(B, h, inter)  # the decode step's MLP GEMM at this batch
+        step = decode_step_seconds(lm, B)
+        floor = B * 2 * P / (rate * 1e9)
+        out["batches"][B] = {"gemm_shape": [B, h, inter], "gflops": rate, "step_s": step,
+                             "gemm_floor_s": floor, "ratio": step / floor,
+                             "ratio_vs_1024": step / (B * 2 * P / (out["gflops_1024"] * 1e9))}
+    return out
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pdbatch.bench.engine", description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--out", default="bench-engine.json", help="JSON file for the figures")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="prefill tokens per forward pass")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch size limit")
+    ap.add_argument("--kv-budget-mib", type=int, default=1024)
+    ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--check-rows", type=int, default=10, help="rows also run one prompt at a time")
+    ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--model-dir", help="default: built once under ~/.cache/pdbatch/bench")
+    args = ap.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"unknown system(s) {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    return args
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m pdbatch.bench.engine " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    torch.set_num_threads(args.threads)  # also applies to the engines' background threads
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # "eos_token_id not set" and similar notices are expected here
+
+    path = model_dir(args.model_dir)
+    lm = load_model(str(path), dtype="float32", device="cpu")
+    work = make_workload(args.prompts, args.seed, lm.model.config.vocab_size)
+    print(f"{command}\nmodel {path} ({gemm_params(lm.model) / 1e6:.1f}M GEMM params), {args.prompts} prompts "
+          f"({sum(map(len, work.prompts))} prompt / {work.output_tokens} output tokens), "
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    # Untimed warm-up of every system on a tiny workload (first-call allocations, kernel choice).
+    tiny = Workload([p[:40] for p in work.prompts[:2]], [3, 2])
+    for name in args.systems:
+        RUNNERS[name](lm, tiny, args)
+
+    results, outputs = {}, {}
+    for name in args.systems:
+        outs, wall = timed(RUNNERS[name], lm, work, args)
+        bad_len = sum(len(o) != k for o, k in zip(outs, work.out_lens))
+        outputs[name] = outs
+        results[name] = {"wall_s": wall, "output_tokens": work.output_tokens,
+                         "tokens_per_s": work.output_tokens / wall, "wrong_length_rows": bad_len}
+        print(f"  {name:<19} {wall:8.1f} s  {work.output_tokens / wall:8.1f} tok/s", flush=True)
+
+    # Correctness: every row against hf_generate, a few rows against one-at-a-time generate().
+    rows = sorted(set(range(0, args.prompts, max(1, args.prompts // args.check_rows))))[:args.check_rows]
+    single = {i: hf_generate_batch(lm, [work.prompts[i]], work.out_lens[i])[0].tolist() for i in rows}
+    hf = dict(enumerate(outputs["hf_generate"])) if "hf_generate" in outputs else None
+    for name, outs in outputs.items():
+        results[name]["mismatch_vs_single"] = mismatches(outs, single)
+        if hf is not None:
+            results[name]["mismatch_vs_hf"] = mismatches(outs, hf)
+
+    roof = None if args.no_roofline else roofline(lm)
+
+    tps = {n: r["tokens_per_s"] for n, r in results.items()}
+    ratios = {"pdbatch_over_hf_generate": ratio(tps.get("pdbatch"), tps.get("hf_generate")),
+              "pdbatch_over_generate_batch": ratio(tps.get("pdbatch"), tps.get("generate_batch"))}
+    if roof:
+        ratios.update({f"decode_step_over_roofline_b{B}": b["ratio"] for B, b in roof["batches"].items()})
+    print_report(command, args, results, roof, ratios, rows)
+
+    report = {"command": command, "args": vars(args), "model_dir": str(path),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "load_average": os.getloadavg(), "prompt_tokens": sum(map(len, work.prompts)),
+              "output_tokens": work.output_tokens, "check_rows": rows, "systems": results,
+              "roofline": roof, "ratios": ratios}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def print_report(command, args, results, roof, ratios, rows) -> None:
+    print(f"\n{'system':<19} {'wall s':>8} {'out tok':>8} {'tok/s':>8} {'rows != hf':>10} "
+          f"{'!= single (of ' + str(len(rows)) + ')':>18}")
+    for name, r in results.items():
+        vs_hf = len(r["mismatch_vs_hf"]) if "mismatch_vs_hf" in r else "-"
+        print(f"{name:<19} {r['wall_s']:8.1f} {r['output_tokens']:8d} {r['tokens_per_s']:8.1f} "
+              f"{vs_hf:>10} {len(r['mismatch_vs_single']):>18}")
+    if roof:
+        print(f"\nroofline: P = {roof['gemm_params'] / 1e6:.2f}M GEMM params, "
+              f"fp32 matmul 1024^3 = {roof['gflops_1024']:.1f} GFLOP/s")
+        for B, b in roof["batches"].items():
+            m, k, n = b["gemm_shape"]
+            print(f"  batch {B}: matmul [{m},{k}]x[{k},{n}] = {b['gflops']:.1f} GFLOP/s, "
+                  f"GEMM floor {b['gemm_floor_s'] * 1e3:.1f} ms, decode step {b['step_s'] * 1e3:.1f} ms, "
+                  f"ratio {b['ratio']:.2f} ({b['ratio_vs_1024']:.2f} vs the 1024^3 rate)")
+    targets = {"pdbatch_over_hf_generate": ">= 3", "pdbatch_over_generate_batch": ">= 1.5"}
+    print()
+    for key, val in ratios.items():
+        want = targets.get(key, "<= 2")
+        print(f"{key:<32} {'n/a' if val is None else f'{val:.2f}':>6}   (target {want})")
+    print(f"command: {command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,8 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int) -> dict:
         return {"cls": Nanny, "options": {
             "nthreads": 1, "resources": resources, "host": "127.0.0.1", "protocol": protocol,
             "memory_limit": 0, "dashboard": False, "silence_logs": logging.WARNING,
+            # if the driver is SIGKILLed, orphaned workers give up and exit instead of lingering
+            "death_timeout": 60,
             "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "TOKENIZERS_PARALLELISM": "false"}}}
 
@@ -104,7 +106,7 @@ def connect(cfg: JobConfig):
     ensure_ucxx(protocol, gpus)
     scheduler = {"cls": Scheduler, "options": {
         "protocol": protocol, "host": "127.0.0.1", "dashboard_address": cfg.dashboard_address,
-        "dashboard": True}}
+        "dashboard": True, "preload": ["pdbatch.dashboard"]}}  # pdbatch page + /metrics
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
     cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads), scheduler=scheduler,
                           silence_logs=logging.WARNING, name="pdbatch")

@@ -46,6 +46,7 @@ class _Unit:
     attempt: int = 0
     phase: str = "prefill"
     prefill_worker: str | None = None
+    counted_prefill: bool = False  # counts towards prefill_load of prefill_worker
     decode_worker: str | None = None
     kv_bytes: int = 0
     futures: dict = field(default_factory=dict)
@@ -102,115 +103,144 @@ class Pipeline:
                 and w["status"] in (None, "running")]
 
     # --- submission -------------------------------------------------------------------------
+    # Placement is strict (`workers=[w]`): the driver has already picked a worker of the right
+    # role. If that worker leaves, the driver notices (refresh) and resubmits the unit; Dask's
+    # loose restrictions combined with resources can land a task on a worker of the wrong role.
     def _key(self, phase: str, u: _Unit) -> str:
         return f"{phase}-{u.unit.unit_id}-{self.token}-{u.attempt}"
 
+    def _submit(self, fn, *args, phase: str, u: _Unit, worker: str) -> Future:
+        return self.client.submit(fn, *args, key=self._key(phase, u), workers=[worker],
+                                  allow_other_workers=False, pure=False)
+
     def submit_unit(self, u: _Unit) -> bool:
-        if self.cfg.mode == "colocated":
-            pool = self.role_workers("decode")
-            if not pool:
-                return False
-            w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), a))
-            fut = self.client.submit(generate_unit, u.rows, self.columns, self.defaults,
-                                     key=self._key("generate", u), workers=[w], allow_other_workers=True,
-                                     pure=False)
-            u.phase, u.decode_worker = "decode", w
-            self.prefill_load[w] = self.prefill_load.get(w, 0) + 1
-            u.futures = {"decode": fut}
-            self._submit_write(u, fut, w)
-            return True
-        pool = self.role_workers("prefill")
+        """Start a unit: prefill (disaggregated) or generate (colocated) on the least-busy worker."""
+        colocated = self.cfg.mode == "colocated"
+        pool = self.role_workers("decode" if colocated else "prefill")
         if not pool:
+            u.phase = "queued"
             return False
         w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), a))
         self.prefill_load[w] = self.prefill_load.get(w, 0) + 1
-        u.phase, u.prefill_worker = "prefill", w
-        u.futures = {"prefill": self.client.submit(
-            prefill_unit, u.rows, self.columns, self.defaults, key=self._key("prefill", u),
-            workers=[w], allow_other_workers=True, resources={"prefill": 1}, pure=False)}
+        u.prefill_worker, u.counted_prefill = w, True
+        if colocated:
+            u.phase, u.decode_worker = "decode", w
+            u.futures = {"decode": self._submit(generate_unit, u.rows, self.columns, self.defaults,
+                                                phase="generate", u=u, worker=w)}
+            self._submit_write(u)
+        else:
+            u.phase = "prefill"
+            u.futures = {"prefill": self._submit(prefill_unit, u.rows, self.columns, self.defaults,
+                                                 phase="prefill", u=u, worker=w)}
         return True
 
     def submit_decode(self, u: _Unit) -> bool:
+        """Route a prefilled unit to the decode worker with the most free KV budget."""
         pool = self.role_workers("decode")
         if not pool:
+            u.phase = "wait-decode"
             return False
         pf = u.futures["prefill"]
         try:
             u.kv_bytes = int(self.client.nbytes(keys=[pf.key], summary=False).get(pf.key, 0))
-        except Exception:
+        except Exception:  # a missing size only weakens routing, never correctness
             u.kv_bytes = 0
         w = max(pool, key=lambda a: (self.budgets.get(a, 0) - self.decode_kv.get(a, 0), a))
         self.decode_kv[w] = self.decode_kv.get(w, 0) + u.kv_bytes
         u.phase, u.decode_worker = "decode", w
-        fut = self.client.submit(decode_unit, pf, pf.key, key=self._key("decode", u), workers=[w],
-                                 allow_other_workers=True, resources={"decode": 1}, pure=False)
-        u.futures["decode"] = fut
-        self._submit_write(u, fut, w)
+        u.futures["decode"] = self._submit(decode_unit, pf, pf.key, phase="decode", u=u, worker=w)
+        self._submit_write(u)
         return True
 
-    def _submit_write(self, u: _Unit, decode_fut: Future, w: str) -> None:
-        u.futures["write"] = self.client.submit(
-            write_unit, decode_fut, u.keep, os.path.abspath(self.out.path), u.unit.unit_id,
-            key=self._key("write", u), workers=[w], allow_other_workers=True, pure=False)
+    def _submit_write(self, u: _Unit) -> None:
+        # on the decode worker, where the outputs already are
+        u.futures["write"] = self._submit(write_unit, u.futures["decode"], u.keep,
+                                          os.path.abspath(self.out.path), u.unit.unit_id,
+                                          phase="write", u=u, worker=u.decode_worker)
 
     def _release(self, u: _Unit) -> None:
-        if u.prefill_worker:
-            self.prefill_load[u.prefill_worker] = max(0, self.prefill_load.get(u.prefill_worker, 0) - 1)
-        if self.cfg.mode == "colocated" and u.decode_worker:
-            self.prefill_load[u.decode_worker] = max(0, self.prefill_load.get(u.decode_worker, 0) - 1)
+        self._end_prefill_load(u)
         if u.decode_worker and u.kv_bytes:
             self.decode_kv[u.decode_worker] = max(0, self.decode_kv.get(u.decode_worker, 0) - u.kv_bytes)
         for f in u.futures.values():
             f.release()
-        u.futures = {}
+        u.futures, u.kv_bytes, u.prefill_worker, u.decode_worker = {}, 0, None, None
+
+    def _end_prefill_load(self, u: _Unit) -> None:
+        if u.counted_prefill and u.prefill_worker:
+            self.prefill_load[u.prefill_worker] = max(0, self.prefill_load.get(u.prefill_worker, 0) - 1)
+        u.counted_prefill = False
+
+    def _retry(self, u: _Unit, why: str) -> None:
+        """Start the unit over from its prompts (new keys), at most MAX_ATTEMPTS times."""
+        self._release(u)
+        u.attempt += 1
+        if u.attempt >= MAX_ATTEMPTS:
+            raise JobFailed(f"unit {u.unit.unit_id} failed {MAX_ATTEMPTS} times, last: {why}")
+        log.warning("unit %s: %s; starting it again (attempt %d/%d)", u.unit.unit_id, why,
+                    u.attempt + 1, MAX_ATTEMPTS)
+        self.submit_unit(u)
 
     # --- main loop --------------------------------------------------------------------------
     def run(self) -> dict:
-        todo = [u for u in self.plan.units if u.unit_id not in self.done]
+        todo = iter([u for u in self.plan.units if u.unit_id not in self.done])
         self.out.remove_strays(set(self.done))
         self.out.clear_success()
         window = self.cfg.inflight_units()
-        waiting: list[_Unit] = []  # prefilled units waiting for a decode worker
         last_refresh = 0.0
-        no_worker_since: float | None = None
-        it = iter(todo)
-        exhausted = not todo
-        while not exhausted or self.inflight:
+        stalled_since: float | None = None
+        exhausted = False
+        while True:
             if time.time() - last_refresh > 0.5:
                 self.refresh_workers()
                 last_refresh = time.time()
-            # fill the window
-            while not exhausted and len(self.inflight) < window:
-                unit = next(it, None)
+                self._recover_lost_workers()
+            while not exhausted and len(self.inflight) < window:  # fill the window
+                unit = next(todo, None)
                 if unit is None:
                     exhausted = True
                     break
                 u = self._make_unit(unit)
                 self.inflight[unit.unit_id] = u
-                if not self.submit_unit(u):
-                    u.phase = "queued"
-            for u in [u for u in self.inflight.values() if u.phase == "queued"]:
                 self.submit_unit(u)
-            for u in list(waiting):
-                if self.submit_decode(u):
-                    waiting.remove(u)
-            stalled = any(u.phase == "queued" for u in self.inflight.values()) or bool(waiting)
-            if stalled:
-                no_worker_since = no_worker_since or time.time()
-                if time.time() - no_worker_since > NO_WORKER_TIMEOUT_S:
-                    raise JobFailed(f"no {'decode' if waiting else 'prefill'} worker available for "
-                                    f"{NO_WORKER_TIMEOUT_S:.0f}s; rerun the same command to resume")
-            else:
-                no_worker_since = None
+            if exhausted and not self.inflight:
+                break
+            for u in list(self.inflight.values()):
+                if u.phase == "queued":
+                    self.submit_unit(u)
+                elif u.phase == "wait-decode":
+                    self.submit_decode(u)
+            stalled_since = self._check_stall(stalled_since)
             futures = [f for u in self.inflight.values() for f in u.futures.values()]
             if futures:
-                wait(futures, timeout=0.5, return_when="FIRST_COMPLETED")
+                try:
+                    wait(futures, timeout=0.5, return_when="FIRST_COMPLETED")
+                except TimeoutError:  # nothing finished within 0.5 s: loop to refresh workers
+                    pass
             else:
                 time.sleep(0.2)
             for u in list(self.inflight.values()):
-                self._advance(u, waiting)
+                self._advance(u)
             self.on_progress(self)
         return self.finish()
+
+    def _check_stall(self, since: float | None) -> float | None:
+        waiting = [u.phase for u in self.inflight.values() if u.phase in ("queued", "wait-decode")]
+        if not waiting:
+            return None
+        since = since or time.time()
+        if time.time() - since > NO_WORKER_TIMEOUT_S:
+            role = "decode" if "wait-decode" in waiting else "prefill"
+            raise JobFailed(f"no {role} worker available for {NO_WORKER_TIMEOUT_S:.0f}s; "
+                            f"rerun the same command to resume")
+        return since
+
+    def _recover_lost_workers(self) -> None:
+        """A unit whose results sit on (or whose task is placed on) a departed worker restarts."""
+        for u in list(self.inflight.values()):
+            gone = [w for w in (u.prefill_worker, u.decode_worker) if w and w not in self.workers]
+            if gone and u.futures and not (u.futures.get("write") and u.futures["write"].done()):
+                self._retry(u, f"worker {gone[0]} left")
 
     def _make_unit(self, unit: WorkUnit) -> _Unit:
         table = read_unit(self.plan, unit)
@@ -219,28 +249,14 @@ class Pipeline:
                               *self.plan.sampling_columns, ROW_ID) if c]
         return _Unit(unit=unit, keep=keep, rows=table.select(needed))
 
-    def _advance(self, u: _Unit, waiting: list) -> None:
+    def _advance(self, u: _Unit) -> None:
         failed = [f for f in u.futures.values() if f.status in ("error", "cancelled")]
         if failed:
-            err = failed[0].exception() if failed[0].status == "error" else "cancelled"
-            self._release(u)
-            u.attempt += 1
-            if u.attempt >= MAX_ATTEMPTS:
-                raise JobFailed(f"unit {u.unit.unit_id} failed {MAX_ATTEMPTS} times: {err}")
-            log.warning("unit %s failed (%s); retrying (attempt %d/%d)", u.unit.unit_id, err,
-                        u.attempt + 1, MAX_ATTEMPTS)
-            if u in waiting:
-                waiting.remove(u)
-            if not self.submit_unit(u):
-                u.phase = "queued"
-            return
-        if u.phase == "prefill" and u.futures["prefill"].status == "finished":
-            if self.prefill_load.get(u.prefill_worker):
-                self.prefill_load[u.prefill_worker] -= 1
-            u.prefill_worker = None  # released for routing purposes
-            if not self.submit_decode(u):
-                u.phase = "wait-decode"
-                waiting.append(u)
+            f = failed[0]
+            self._retry(u, f"task failed: {f.exception() if f.status == 'error' else 'cancelled'}")
+        elif u.phase == "prefill" and u.futures["prefill"].status == "finished":
+            self._end_prefill_load(u)
+            self.submit_decode(u)
         elif "write" in u.futures and u.futures["write"].status == "finished":
             summary = u.futures["write"].result()
             self.out.record(summary)

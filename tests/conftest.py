@@ -1,0 +1,2 @@
+from slurm_fixture import slurm_cluster  # noqa: F401  (session-scoped real one-node Slurm)
+from fixtures_models import gpt2, gpt2_dir, llama, llama_dir, llama_other_dir  # noqa: F401

@@ -1,0 +1,59 @@
+"""Small random-weight models (fixed seeds) shared by the tests, and the Hugging Face
+reference every greedy output is compared against."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdbatch.model import load_model
+from pdbatch.toymodels import build_gpt2, build_llama
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return str(build_llama(tmp_path_factory.mktemp("models") / "llama", seed=0))
+
+
+@pytest.fixture(scope="session")
+def llama_other_dir(tmp_path_factory):
+    """Same config as llama_dir, other weights: its KV must be refused by llama_dir's engine."""
+    return str(build_llama(tmp_path_factory.mktemp("models") / "llama-other", seed=1))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    return str(build_gpt2(tmp_path_factory.mktemp("models") / "gpt2", seed=0, n_positions=512))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    torch.set_num_threads(1)
+    return load_model(llama_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    return load_model(gpt2_dir, dtype="float32", device="cpu")
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 1, max_len: int = 200):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+@torch.inference_mode()
+def hf_greedy(lm, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+    """Hugging Face `generate`, one prompt at a time, greedy: the independent reference."""
+    ids = torch.tensor([prompt_ids])
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id,
+                            eos_token_id=lm.eos_token_ids if stop_at_eos else None)
+    gen = out[0, len(prompt_ids):].tolist()
+    if stop_at_eos:  # generate pads after EOS; keep up to and including the EOS
+        for i, t in enumerate(gen):
+            if t in lm.eos_token_ids:
+                return gen[:i + 1]
+    return gen

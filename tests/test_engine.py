@@ -1,0 +1,232 @@
+"""Prefill and decode engines against Hugging Face `generate` (greedy, one prompt at a time)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from distributed.protocol import deserialize_bytes, serialize_bytes
+from fixtures_models import hf_greedy, random_prompts
+
+from pdbatch.decode import DecodeEngine, generate
+from pdbatch.kv_packet import KVPacket
+from pdbatch.model import load_model
+from pdbatch.prefill import PrefillEngine, length_buckets
+from pdbatch.sampling import SamplingParams
+from pdbatch.sequence import Request
+
+
+def greedy_requests(lm, n=56, seed=0, max_len=160):
+    rng = random.Random(seed + 1)
+    prompts = random_prompts(n, lm.tokenizer.vocab_size, seed=seed, max_len=max_len)
+    return [Request(f"r{i}", p, SamplingParams(max_new_tokens=rng.randint(1, 24), ignore_eos=True))
+            for i, p in enumerate(prompts)]
+
+
+def assert_matches_hf(lm, requests, outputs):
+    assert [o.id for o in outputs] == [r.id for r in requests]
+    for r, o in zip(requests, outputs):
+        assert o.error is None, (r.id, o.error)
+        ref = hf_greedy(lm, r.prompt_ids, r.params.max_new_tokens)
+        assert o.output_token_ids == ref, f"{r.id} (prompt {len(r.prompt_ids)} tokens) differs from HF generate"
+        assert o.finish_reason == "length"
+    # random weights are tuned to give varied outputs: a constant output would hide bugs
+    assert len({t for o in outputs for t in o.output_token_ids}) > 50
+
+
+def submit_in_two_waves(engine: DecodeEngine, items, submit):
+    """Half now, the rest once the engine is mid-decode: arrivals while others generate."""
+    half = len(items) // 2
+    futs = [submit(x) for x in items[:half]]
+    deadline = time.time() + 60
+    while engine.stats.steps < 3 and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.stats.steps >= 3 and any(not f.done() for f in futs), "second wave must arrive mid-decode"
+    futs += [submit(x) for x in items[half:]]
+    return [f.result(timeout=300) for f in futs]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_colocated_engine_matches_hf_with_arrivals_mid_decode(family, request):
+    lm = request.getfixturevalue(family)
+    reqs = greedy_requests(lm)
+    engine = DecodeEngine(lm, prefill=PrefillEngine(lm, max_batch_tokens=1024), max_num_seqs=64)
+    try:
+        outs = submit_in_two_waves(engine, reqs, engine.submit_request)
+    finally:
+        engine.close()
+    assert_matches_hf(lm, reqs, outs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_disaggregated_engines_match_hf_with_arrivals_mid_decode(family, request):
+    lm = request.getfixturevalue(family)
+    reqs = greedy_requests(lm, seed=7)
+    results = PrefillEngine(lm, max_batch_tokens=2048).run(reqs)
+    packets = [p for p in results if isinstance(p, KVPacket)]
+    # rows asking for one token are finished by prefill: their KV never needs to move
+    assert len(packets) == sum(r.params.max_new_tokens > 1 for r in reqs) > 40
+    # the packet holds only real tokens: no padding, one contiguous buffer
+    for r, p in zip(reqs, results):
+        if isinstance(p, KVPacket):
+            assert p.kv.shape[3] == len(r.prompt_ids) and p.kv.is_contiguous()
+    engine = DecodeEngine(lm, max_num_seqs=24)  # fewer slots than sequences: admission waits
+    try:
+        decoded = iter(submit_in_two_waves(engine, packets, engine.submit))
+    finally:
+        engine.close()
+    outs = [next(decoded) if isinstance(p, KVPacket) else p for p in results]
+    assert_matches_hf(lm, reqs, outs)
+
+
+def test_length_buckets_respect_token_budget():
+    lengths = [5, 300, 7, 120, 64, 64, 900, 3]
+    batches = length_buckets(lengths, max_batch_tokens=256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * longest <= 256
+
+
+def test_packet_made_in_another_process_decodes_the_same(llama, llama_dir, tmp_path):
+    reqs = greedy_requests(llama, n=12, seed=3)
+    for r in reqs:
+        r.params.max_new_tokens = 8
+    blob = tmp_path / "packets.bin"
+    script = (
+        "import pickle, sys, torch; torch.set_num_threads(1)\n"
+        "from distributed.protocol import serialize_bytes\n"
+        "from pdbatch.model import load_model\n"
+        "from pdbatch.prefill import PrefillEngine\n"
+        f"lm = load_model({llama_dir!r}, dtype='float32', device='cpu')\n"
+        f"reqs = pickle.loads({pickle.dumps(reqs)!r})\n"
+        "packets = PrefillEngine(lm).run(reqs)\n"
+        f"open({str(blob)!r}, 'wb').write(serialize_bytes(packets))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    remote = deserialize_bytes(blob.read_bytes())
+    local = PrefillEngine(llama).run(reqs)
+    assert [p.first_token for p in remote] == [p.first_token for p in local]
+    engine = DecodeEngine(llama)
+    try:
+        out_remote = [f.result() for f in [engine.submit(p) for p in remote]]
+        out_local = [f.result() for f in [engine.submit(p) for p in local]]
+    finally:
+        engine.close()
+    assert [o.output_token_ids for o in out_remote] == [o.output_token_ids for o in out_local]
+
+
+def test_packet_serializes_as_one_raw_frame(llama):
+    (packet,) = PrefillEngine(llama).run(greedy_requests(llama, n=1))
+    from dask.sizeof import sizeof
+    from distributed.protocol import serialize
+
+    header, frames = serialize(packet, serializers=("dask",))
+    assert header["serializer"] == "dask"
+    assert sum(memoryview(f).nbytes for f in frames) >= packet.nbytes
+    assert max(memoryview(f).nbytes for f in frames) == packet.nbytes  # all KV in one buffer
+    assert sizeof(packet) >= packet.nbytes
+    again = deserialize_bytes(serialize_bytes(packet))
+    assert again.kv.equal(packet.kv) and again.params == packet.params
+    assert pickle.loads(pickle.dumps(packet)).kv.equal(packet.kv)
+
+
+def test_packet_from_a_different_model_is_refused(llama, llama_other_dir):
+    other = load_model(llama_other_dir, dtype="float32", device="cpu")
+    reqs = greedy_requests(other, n=3)
+    foreign = PrefillEngine(other).run(reqs)
+    engine = DecodeEngine(llama)
+    try:
+        outs = [engine.submit(p).result(timeout=60) for p in foreign]
+    finally:
+        engine.close()
+    for o in outs:
+        assert o.error and "different model" in o.error
+        assert o.output_token_ids == []
+
+
+def test_seeded_sampling_does_not_depend_on_batch(llama):
+    prompts = random_prompts(12, llama.tokenizer.vocab_size, seed=11, max_len=80)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=1000 + i, max_new_tokens=16,
+                             ignore_eos=True) for i in range(len(prompts))]
+    reqs = [Request(f"s{i}", p, params[i]) for i, p in enumerate(prompts)]
+
+    def fresh():
+        return [Request(r.id, r.prompt_ids, SamplingParams(**r.params.to_dict())) for r in reqs]
+
+    together = generate(llama, fresh(), max_batch_tokens=4096)
+    alone = [generate(llama, [r])[0] for r in fresh()]
+    noise = [Request(f"n{i}", p, SamplingParams(temperature=1.3, seed=i, max_new_tokens=30, ignore_eos=True))
+             for i, p in enumerate(random_prompts(20, llama.tokenizer.vocab_size, seed=99))]
+    mixed = generate(llama, noise[:10] + fresh() + noise[10:], max_batch_tokens=512)[10:22]
+    disagg = generate(llama, fresh(), colocated=False)
+    for a, b, c, d in zip(together, alone, mixed, disagg):
+        assert a.output_token_ids == b.output_token_ids == c.output_token_ids == d.output_token_ids
+    greedy = [hf_greedy(llama, r.prompt_ids, 16) for r in reqs]
+    assert sum(o.output_token_ids != g for o, g in zip(together, greedy)) >= 6  # it really samples
+    other_seed = generate(llama, [Request("x", prompts[0], SamplingParams(**{**params[0].to_dict(), "seed": 5}))])
+    assert other_seed[0].output_token_ids != together[0].output_token_ids
+
+
+def test_bad_requests_fail_alone(llama):
+    ctx = llama.max_model_len
+    good = greedy_requests(llama, n=6, seed=5)
+    bad = [
+        Request("empty", [], SamplingParams()),
+        Request("too-long", [5] * ctx, SamplingParams()),
+        Request("neg-temp", [5, 6, 7], SamplingParams(temperature=-1.0)),
+        Request("top-p", [5, 6, 7], SamplingParams(top_p=1.5)),
+        Request("zero-new", [5, 6, 7], SamplingParams(max_new_tokens=0)),
+        Request("top-k", [5, 6, 7], SamplingParams(top_k=-7)),
+    ]
+    mixed = good[:3] + bad + good[3:]
+    for colocated in (True, False):
+        fresh = [Request(r.id, list(r.prompt_ids), SamplingParams(**r.params.to_dict())) for r in mixed]
+        outs = {o.id: o for o in generate(llama, fresh, colocated=colocated)}
+        for r in bad:
+            assert outs[r.id].error, r.id
+            assert outs[r.id].output_token_ids == []
+        assert "context window" in outs["too-long"].error
+        assert "temperature" in outs["neg-temp"].error
+        for r in good:
+            assert outs[r.id].error is None
+            assert outs[r.id].output_token_ids == hf_greedy(llama, r.prompt_ids, r.params.max_new_tokens)
+
+
+def test_huge_max_new_tokens_is_clamped_to_context(gpt2):
+    prompt = random_prompts(1, gpt2.tokenizer.vocab_size, seed=4, min_len=500, max_len=500)[0]
+    (out,) = generate(gpt2, [Request("big", prompt, SamplingParams(max_new_tokens=10**9, ignore_eos=True))])
+    assert out.error is None and out.finish_reason == "length"
+    assert len(prompt) + out.num_generated_tokens == gpt2.max_model_len
+
+
+def test_eos_stop_strings_and_stop_ids(llama):
+    prompts = random_prompts(20, llama.tokenizer.vocab_size, seed=21, max_len=40)
+    refs = [hf_greedy(llama, p, 12) for p in prompts]
+    # stop token id: pick the 3rd generated token of each row; output must end right there
+    outs = generate(llama, [Request(f"t{i}", p, SamplingParams(max_new_tokens=12, stop_token_ids=[ref[2]],
+                                                                ignore_eos=True))
+                            for i, (p, ref) in enumerate(zip(prompts, refs))])
+    for o, ref in zip(outs, refs):
+        cut = ref.index(ref[2]) + 1
+        assert o.output_token_ids == ref[:cut] and o.finish_reason == "stop"
+    # stop string: the text is cut before it, finish_reason "stop"
+    tok = llama.tokenizer
+    full = [tok.decode(r, skip_special_tokens=True) for r in refs]
+    rows = [(i, t[len(t) // 2:len(t) // 2 + 2]) for i, t in enumerate(full) if len(t.strip()) > 6]
+    outs = generate(llama, [Request(f"s{i}", prompts[i], SamplingParams(max_new_tokens=12, stop=[s],
+                                                                         ignore_eos=True)) for i, s in rows])
+    for (i, s), o in zip(rows, outs):
+        assert o.finish_reason == "stop" and s not in o.generated_text
+        assert full[i].startswith(o.generated_text)
+    # EOS ends a row (and stays in output_token_ids) unless ignore_eos
+    eos = llama.eos_token_ids[0]
+    outs = generate(llama, [Request(f"e{i}", p, SamplingParams(max_new_tokens=12, stop_token_ids=[]))
+                            for i, p in enumerate(prompts)])
+    for o, p in zip(outs, prompts):
+        assert o.output_token_ids == hf_greedy(llama, p, 12, stop_at_eos=True)
+        assert (o.finish_reason == "stop") == (eos in o.output_token_ids)

@@ -1,0 +1,69 @@
+"""Running the real `pdbatch` CLI in a subprocess (its own session, so every process it
+started can be found and checked afterwards) and reading its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as ds
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = str(REPO / "data" / "sample.parquet")
+DEFAULT_MODEL = str(REPO / "data" / "tiny-llama")
+PDBATCH = [sys.executable, "-m", "pdbatch.cli"]
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+def wait_session_empty(sid: int, timeout: float = 60) -> None:
+    """Every process the run started (workers, nannies) must be gone after it exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = session_processes(sid)
+        if not left:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes left behind by pdbatch: {[p.cmdline() for p in left]}")
+
+
+def run_cli(*args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([*PDBATCH, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_session_empty(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_rows(out: str | Path) -> list[dict]:
+    rows = ds.dataset(str(out), format="parquet").to_table().to_pylist()
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def read_report(out: str | Path) -> dict:
+    return json.loads((Path(out) / "_pdbatch" / "report.json").read_text())
+
+
+def manifest_units(out: str | Path) -> list[str]:
+    path = Path(out) / "_pdbatch" / "manifest.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["unit"] for line in path.read_text().splitlines() if line.strip()]

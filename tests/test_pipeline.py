@@ -1,0 +1,254 @@
+"""`pdbatch run` end to end on a real local Dask cluster of separate worker processes."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fixtures_models import hf_greedy
+from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, manifest_units, read_report, read_rows,
+                              run_cli, wait_session_empty)
+
+from pdbatch.model import load_model
+
+NEW = 24  # tokens per row in these tests: enough to check decode, quick on 2 cores
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sample"
+    res = run_cli("run", SAMPLE, "-o", out, "--max-new-tokens", NEW, "--unit-rows", 16, "--id-column", "id")
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def reference(tiny, prompt: str, n: int = NEW) -> list[int]:
+    ids = tiny.tokenizer(prompt)["input_ids"]
+    return hf_greedy(tiny, ids, n, stop_at_eos=True)
+
+
+def test_sample_job_matches_hf_generate(sample_run, tiny):
+    out, res = sample_run
+    rows = read_rows(out)
+    src = pq.read_table(SAMPLE).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in src)  # each id exactly once
+    by_id = {r["id"]: r for r in rows}
+    for s in src:
+        r = by_id[s["id"]]
+        assert r["error"] is None
+        assert r["output_token_ids"] == reference(tiny, s["prompt"]), s["id"]
+        assert r["num_generated_tokens"] == len(r["output_token_ids"])
+        assert r["generated_text"] == tiny.tokenizer.decode(r["output_token_ids"], skip_special_tokens=True)
+        assert r["finish_reason"] in ("stop", "length") and r["ttft_s"] > 0
+        assert r["prefill_worker"].startswith("prefill-") and r["decode_worker"].startswith("decode-")
+    assert (out / "_SUCCESS").exists()
+    report = read_report(out)
+    assert report["rows"] == report["rows_expected"] == len(src)
+    assert report["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
+    assert report["mode"] == "disaggregated" and report["workers"] == {"prefill": 1, "decode": 1}
+    for key in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "output_tokens_per_s"):
+        assert report[key] > 0
+    assert "TTFT" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_kv_bytes_moved_match_packet_sizes(sample_run, tiny):
+    out, _ = sample_run
+    rows = read_rows(out)
+    cfg = tiny.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    decoded = [r for r in rows if r["decode_worker"] is not None]
+    expected = sum(r["num_prompt_tokens"] for r in decoded) * per_token
+    report = read_report(out)
+    assert report["kv_bytes_moved"] == expected > 0
+    # what Dask itself counted on the wire covers the packets (plus small headers)
+    assert expected <= report["dask_transfer_bytes_this_run"] <= expected * 1.2 + 200_000
+    assert all(r["prefill_worker"] != r["decode_worker"] for r in decoded)
+
+
+def test_colocated_and_ucxx_give_identical_outputs(sample_run, tmp_path):
+    base = {r["id"]: r["output_token_ids"] for r in read_rows(sample_run[0])}
+    co = tmp_path / "colocated"
+    res = run_cli("run", SAMPLE, "-o", co, "--max-new-tokens", NEW, "--mode", "colocated", "--unit-rows", 16,
+                  "--id-column", "id")
+    assert res.returncode == 0, res.stderr
+    rows = read_rows(co)
+    assert {r["id"]: r["output_token_ids"] for r in rows} == base
+    assert read_report(co)["kv_bytes_moved"] == 0
+    assert all(r["prefill_worker"] == r["decode_worker"] for r in rows)
+    ux = tmp_path / "ucxx"
+    res = run_cli("run", SAMPLE, "-o", ux, "--max-new-tokens", NEW, "--protocol", "ucxx", "--unit-rows", 16,
+                  "--id-column", "id")
+    assert res.returncode == 0, res.stderr
+    assert {r["id"]: r["output_token_ids"] for r in read_rows(ux)} == base
+    report = read_report(ux)
+    assert report["protocol"] == "ucxx" and report["kv_bytes_moved"] > 0
+
+
+def test_input_layouts(tmp_path, tiny):
+    src = pq.read_table(SAMPLE).slice(0, 20)
+    prompts = src.column("prompt").to_pylist()
+    prompts[3] = "Ünïcødé ✓ 日本語のテキスト 🚀 — résumé"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    # shard 0: large_string, two row groups; shard 1: dictionary-encoded; shard 2: plain string
+    pq.write_table(pa.table({"prompt": pa.array(prompts[:8], pa.large_string())}), shards / "a.parquet",
+                   row_group_size=3)
+    pq.write_table(pa.table({"prompt": pa.array(prompts[8:14]).dictionary_encode()}), shards / "b.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(prompts[14:])}), shards / "c.parquet")
+    (shards / "_ignored.txt").write_text("bookkeeping files starting with _ are skipped")
+    expected = {}
+    for name, lo, hi in (("a.parquet", 0, 8), ("b.parquet", 8, 14), ("c.parquet", 14, 20)):
+        for i in range(hi - lo):
+            expected[f"{name}:{i}"] = reference(tiny, prompts[lo + i], 8)
+    for label, inp in (("dir", shards), ("glob", str(shards / "*.parquet"))):
+        out = tmp_path / f"out-{label}"
+        res = run_cli("run", inp, "-o", out, "--max-new-tokens", 8, "--unit-rows", 4)
+        assert res.returncode == 0, res.stderr
+        rows = read_rows(out)
+        assert {r["id"]: r["output_token_ids"] for r in rows} == expected
+        assert read_report(out)["units"] == 7  # a: 3 row groups (3+3+2 rows), b: 2 units, c: 2
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    (tmp_path / "not.parquet").write_text("hello")
+    good = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), good)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "precious.txt").write_text("keep me")
+    nomodel = tmp_path / "empty-model"
+    nomodel.mkdir()
+    cases = [
+        (["run", tmp_path / "missing.parquet", "-o", tmp_path / "o1"], "input not found"),
+        (["run", tmp_path / "not.parquet", "-o", tmp_path / "o2"], "not a readable Parquet"),
+        (["run", good, "-o", tmp_path / "o3"], "prompt column 'prompt' not found"),
+        (["run", SAMPLE, "-o", tmp_path / "o4", "--mode", "sideways"], "--mode must be one of"),
+        (["run", SAMPLE, "-o", tmp_path / "o5", "--model", nomodel], "not a Hugging Face model directory"),
+        (["run", SAMPLE, "-o", occupied], "not empty"),
+        (["run", SAMPLE, "-o", tmp_path / "o6", "--temperature", "-1"], "temperature"),
+        (["run", SAMPLE, "-o", tmp_path / "o7", "--no-such-option"], "No such option"),
+        (["run", SAMPLE, "-o", tmp_path / "o8", "--config", tmp_path / "nope.toml"], "job file not found"),
+    ]
+    for args, needle in cases:
+        res = subprocess.run([*PDBATCH, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert res.returncode == 2, (args, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
+    assert (occupied / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_rows_become_error_rows(tmp_path, tiny):
+    ctx = tiny.max_model_len
+    prompts = ["A normal prompt.", None, "", "   ", "word " * (ctx + 10), "Another fine prompt."]
+    inp = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": [f"row{i}" for i in range(len(prompts))], "prompt": prompts,
+                             "temperature": [0.0, None, 0.0, 0.0, 0.0, None],
+                             "max_new_tokens": [6, 6, 6, 6, 6, 5]}), inp)
+    out = tmp_path / "out"
+    res = run_cli("run", inp, "-o", out, "--id-column", "id", "--keep-columns", "temperature")
+    assert res.returncode == 0, res.stderr
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert set(rows) == {f"row{i}" for i in range(len(prompts))}
+    assert rows["row1"]["error"] == "prompt is null"
+    assert rows["row2"]["error"] == rows["row3"]["error"] == "prompt is empty"
+    assert "context window" in rows["row4"]["error"]
+    for rid, n in (("row0", 6), ("row5", 5)):
+        assert rows[rid]["error"] is None
+        assert rows[rid]["output_token_ids"] == reference(tiny, prompts[int(rid[-1])], n)
+    assert rows["row0"]["temperature"] == 0.0  # --keep-columns carried over
+    report = read_report(out)
+    assert report["rows"] == 6 and report["rows_failed"] == 4 and (out / "_SUCCESS").exists()
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path):
+    inp = tmp_path / "in.parquet"
+    prompts = [f"Row {i}: write about the number {i}." for i in range(48)]
+    pq.write_table(pa.table({"prompt": prompts}), inp)
+    args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
+    clean = tmp_path / "clean"
+    assert run_cli(*args, "-o", clean).returncode == 0
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*PDBATCH, *map(str, args), "-o", str(out)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(manifest_units(out)) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the driver shuts its cluster down
+    _, err = proc.communicate(timeout=120)
+    wait_session_empty(proc.pid)
+    assert proc.returncode == 130, err
+    done_before = manifest_units(out)
+    assert 3 <= len(done_before) < 12, "the run must stop part-way"
+    assert not (out / "_SUCCESS").exists()
+    res = run_cli(*args, "-o", out)
+    assert res.returncode == 0, res.stderr
+    report = read_report(out)
+    assert report["units_resumed"] == len(done_before)
+    assert report["rows_this_run"] == 48 - 4 * len(done_before)  # finished units not recomputed
+    after = manifest_units(out)
+    assert sorted(after) == sorted(set(after)) and len(after) == 12  # none written twice
+    assert read_rows(out) == [{**r, "ttft_s": r2["ttft_s"], "tpot_s": r2["tpot_s"], "prefill_worker":
+                               r2["prefill_worker"], "decode_worker": r2["decode_worker"]}
+                              for r, r2 in zip(read_rows(clean), read_rows(out))]
+    assert len(glob.glob(str(out / "part-*.parquet"))) == 12
+
+
+def test_decode_worker_joining_mid_job_takes_work(tmp_path):
+    """An existing cluster: scheduler + one worker per role; a second decode worker joins."""
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = []
+
+    def start(*cmd):
+        p = subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    sched_file = tmp_path / "scheduler.json"
+    try:
+        start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"]
+        start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
+        start(*worker, "--name", "decode-a", "--resources", "decode=1")
+        inp = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(64)]}), inp)
+        out = tmp_path / "out"
+        driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file", str(sched_file),
+                                   "--max-new-tokens", "48", "--ignore-eos", "--unit-rows", "2",
+                                   "--max-inflight-units", "4"],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while len(manifest_units(out)) < 2 and driver.poll() is None:
+            time.sleep(0.1)
+        start(*worker, "--name", "decode-b", "--resources", "decode=1")
+        _, err = driver.communicate(timeout=300)
+        assert driver.returncode == 0, err
+        by_worker = read_report(out)["rows_by_decode_worker"]
+        assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
+        assert sum(by_worker.values()) == 64
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for p in procs:
+            wait_session_empty(p.pid)

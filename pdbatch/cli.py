@@ -83,6 +83,9 @@ def _cli_values(options: dict) -> dict:
     return out
 
 
+from .slurm import submit; cli.add_command(submit)  # noqa: E402,E702  (Slurm: pdbatch/slurm.py)
+
+
 def main(argv=None) -> None:
     from .pipeline import JobFailed
 

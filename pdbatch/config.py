@@ -2,11 +2,13 @@
 
 Precedence: built-in defaults < job file (`--config jobs/NAME.toml`) < command line. Keys in a
 job file are the long option names with '_' or '-' (e.g. `max_new_tokens = 128`); an unknown
-key is a user error, so a typo never silently does nothing.
+key is a user error, so a typo never silently does nothing. A job file's `[slurm]` table
+(SlurmConfig) says how `pdbatch submit` lays the job out on a Slurm cluster.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +25,62 @@ except ImportError:  # Python 3.10
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "data" / "tiny-llama")
 MODES = ("disaggregated", "colocated")
 PROTOCOLS = ("tcp", "ucxx", "auto")
+
+
+@dataclass
+class SlurmConfig:
+    """How `pdbatch submit` lays the job out on Slurm (the `[slurm]` table of a job file).
+
+    Worker counts per role are the job's own `prefill_workers` / `decode_workers`; on GPU nodes
+    each worker is one GPU.
+    """
+    nodes: int = 0  # 0: as many as the workers need (CPU: 1)
+    gpus_per_node: int = 0  # 0: CPU nodes (`dask worker`); N: `dask cuda worker`, --gres=gpu:N
+    cpus_per_worker: int = 1  # CPU cores per worker (also its torch threads)
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # Slurm time limit, e.g. "02:00:00" or "1-00:00:00"
+    job_name: str = "pdbatch"
+    sbatch_lines: list[str] = field(default_factory=list)  # extra sbatch options: "--qos=high"
+    setup: list[str] = field(default_factory=list)  # shell lines run first: module load, venv
+    python: str | None = None  # interpreter on the nodes (default: the one running submit)
+    worker_options: list[str] = field(default_factory=list)  # extra `dask [cuda] worker` options
+    startup_timeout: int = 600  # seconds for the scheduler and every worker to come up
+    dashboard_port: int = 8787
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "[slurm]") -> SlurmConfig:
+        names = {f.name for f in fields(cls)}
+        out = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise UserError(f"unknown key {key!r} in {where}")
+            out[name] = value
+        for name in ("sbatch_lines", "setup", "worker_options"):
+            if isinstance(out.get(name), str):
+                out[name] = [out[name]]
+        t = out.get("time")
+        if isinstance(t, int) and not isinstance(t, bool):
+            out["time"] = str(t)  # minutes, as sbatch reads a bare number
+        elif isinstance(t, datetime.time):  # TOML's bare `time = 02:00:00` is a time of day
+            out["time"] = t.strftime("%H:%M:%S")
+        cfg = cls(**out)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "[slurm]") -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise UserError(f"{where} {f.name} must be an integer >= 0, got {v!r}")
+            if kind.startswith("str") and not (v is None and "None" in kind or isinstance(v, str)):
+                raise UserError(f"{where} {f.name} must be a string, got {v!r}")
+            if kind.startswith("list") and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise UserError(f"{where} {f.name} must be a list of strings, got {v!r}")
+        if self.cpus_per_worker < 1:
+            raise UserError(f"{where} cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
 
 
 @dataclass
@@ -63,8 +121,8 @@ class JobConfig:
     max_inflight_units: int = 0  # 0: 2 x workers + 2
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | log | none
-    # Slurm (used by `pdbatch submit`)
-    slurm: dict = field(default_factory=dict)
+    # Slurm (used by `pdbatch submit`; the `[slurm]` table of a job file)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     # --- derived values -------------------------------------------------------------------
     def default_params(self) -> SamplingParams:
@@ -149,7 +207,14 @@ def build_config(cli_values: dict, job_file: str | None = None) -> JobConfig:
     values: dict = {}
     if job_file:
         values.update(load_job_file(job_file))
-    values.update({k: v for k, v in cli_values.items() if v is not None and v != ()})
+    given = {k: v for k, v in cli_values.items() if v is not None and v != ()}
+    if isinstance(given.get("slurm"), dict):  # submit's Slurm options refine the file's [slurm]
+        given["slurm"] = {**(values.get("slurm") or {}), **given["slurm"]}
+    values.update(given)
+    if isinstance(values.get("slurm"), dict):
+        values["slurm"] = SlurmConfig.from_dict(values["slurm"], f"[slurm] of {job_file}" if job_file else "[slurm]")
+    elif "slurm" in values and not isinstance(values["slurm"], SlurmConfig):
+        raise UserError(f"slurm must be a table ([slurm]), got {values['slurm']!r}")
     for k in ("keep_columns", "stop"):
         if isinstance(values.get(k), str):
             values[k] = [values[k]]

@@ -95,7 +95,9 @@ class OutputDir:
         if os.path.exists(self.path):
             if not os.path.isdir(self.path):
                 raise UserError(f"output path exists and is not a directory: {self.path}")
-            entries = [e for e in os.listdir(self.path)]
+            # `_pdbatch/` alone is ours even before a first run: `pdbatch submit` writes the
+            # sbatch script, the Slurm log and the scheduler file there before the driver starts
+            entries = [e for e in os.listdir(self.path) if e != META_DIR]
             job_file = os.path.join(self.meta, "job.json")
             if entries and not os.path.isfile(job_file):
                 raise UserError(f"output directory {self.path} is not empty and holds no pdbatch run; "

@@ -42,6 +42,7 @@ def job_options(f):
         click.option("--max-batch-tokens", type=int, help="Padded tokens per prefill batch (default 8192)."),
         click.option("--max-num-seqs", type=int, help="Most sequences one decode worker runs at once (default 128)."),
         click.option("--kv-budget", type=str, help="KV cache memory per decode worker, e.g. 512MiB, 8GiB (default 2GiB)."),
+        click.option("--rmm-pool-size", type=str, help="GPU only: an RMM pool per worker (e.g. 60GiB) that torch and UCX allocate from (needs dask-cuda)."),
         click.option("--unit-rows", type=int, help="Rows per work unit (default 128): the grain of scheduling and resume."),
         click.option("--max-inflight-units", type=int, help="Units in flight at once (default 2 x workers + 2); bounds memory."),
         click.option("--progress", type=str, help="auto (bar on a terminal, log lines otherwise), bar, log, none."),

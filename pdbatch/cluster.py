@@ -59,23 +59,29 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR if name.startswith("bokeh") else logging.WARNING)
 
 
-def worker_specs(cfg: JobConfig, protocol: str, threads: int) -> dict:
+def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0) -> dict:
+    """One Nanny (a separate worker process) per worker, its role given as a resource at start.
+    With GPUs, each worker gets its own GPU (dask-cuda style), shared round-robin if fewer."""
     from distributed import Nanny
 
-    def spec(resources):
-        return {"cls": Nanny, "options": {
-            "nthreads": 1, "resources": resources, "host": "127.0.0.1", "protocol": protocol,
+    roles = [("prefill", i) for i in range(cfg.prefill_workers)] + \
+            [("decode", i) for i in range(cfg.decode_workers)]
+    specs = {}
+    for index, (role, i) in enumerate(roles):
+        options = {
+            "nthreads": 1, "resources": {role: 1}, "host": "127.0.0.1", "protocol": protocol,
             "memory_limit": 0, "dashboard": False, "silence_logs": logging.WARNING,
             # if the driver is SIGKILLed, orphaned workers give up and exit instead of lingering
             "death_timeout": 60,
             "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                    "TOKENIZERS_PARALLELISM": "false"}}}
+                    "TOKENIZERS_PARALLELISM": "false"}}
+        if gpus:
+            from .gpu import gpu_worker_options
 
-    specs = {}
-    for i in range(cfg.prefill_workers):
-        specs[f"prefill-{i}"] = spec({"prefill": 1})
-    for i in range(cfg.decode_workers):
-        specs[f"decode-{i}"] = spec({"decode": 1})
+            extra = gpu_worker_options(index, gpus, cfg.rmm_pool_size)
+            options["env"].update(extra.pop("env"))
+            options.update(extra)
+        specs[f"{role}-{i}"] = {"cls": Nanny, "options": options}
     return specs
 
 
@@ -108,7 +114,7 @@ def connect(cfg: JobConfig):
         "protocol": protocol, "host": "127.0.0.1", "dashboard_address": cfg.dashboard_address,
         "dashboard": True, "preload": ["pdbatch.dashboard"]}}  # pdbatch page + /metrics
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
-    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads), scheduler=scheduler,
+    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus), scheduler=scheduler,
                           silence_logs=logging.WARNING, name="pdbatch")
     try:
         client = Client(cluster)

@@ -117,6 +117,7 @@ class JobConfig:
     max_batch_tokens: int = 8192
     max_num_seqs: int = 128
     kv_budget: str = "2GiB"
+    rmm_pool_size: str | None = None  # GPU: per-worker RMM pool that torch allocates from
     unit_rows: int = 128
     max_inflight_units: int = 0  # 0: 2 x workers + 2
     overwrite: bool = False

@@ -46,6 +46,8 @@ class DecodeStats:
     steps: int = 0
     tokens: int = 0
     busy_s: float = 0.0
+    kv_packets: int = 0
+    kv_packets_host_staged: int = 0  # arrived on the host while the engine runs on a GPU
     step_log: list = field(default_factory=list)  # (batch size, seconds) of recent steps
 
     def record(self, n: int, dt: float) -> None:
@@ -189,6 +191,9 @@ class DecodeEngine:
                 if not self.cache.fits(reserve):
                     return  # wait for running sequences to finish
                 self._packets.popleft()
+                self.stats.kv_packets += 1
+                if packet.kv.device.type != self.lm.device.type:
+                    self.stats.kv_packets_host_staged += 1  # copied up here: not device-to-device
                 self.cache.add(packet.kv, reserve)
                 self.active.append(_Seq(packet.seq_id, packet.params, packet.length, [packet.first_token],
                                         packet.arrival_time, packet.first_token_time,

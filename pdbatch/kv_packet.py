@@ -72,10 +72,14 @@ class KVPacket:
 
     @classmethod
     def from_parts(cls, header: dict, frame) -> "KVPacket":
-        dtype = getattr(torch, header["dtype"])
         view = memoryview(frame)
         buf = bytearray(view) if view.readonly else view  # torch wants a writable buffer
-        kv = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(header["shape"])
+        return cls.from_device_buffer(header, torch.frombuffer(buf, dtype=torch.uint8))
+
+    @classmethod
+    def from_device_buffer(cls, header: dict, raw: torch.Tensor) -> "KVPacket":
+        """Rebuild from the header and the raw uint8 buffer (host or GPU), without a copy."""
+        kv = raw.view(getattr(torch, header["dtype"])).reshape(header["shape"])
         return cls(seq_id=header["seq_id"], prompt_ids=list(header["prompt_ids"]),
                    first_token=header["first_token"], kv=kv, fingerprint=header["fingerprint"],
                    params=SamplingParams(**header["params"]), arrival_time=header["arrival_time"],
@@ -110,6 +114,10 @@ def register_dask() -> None:
     @sizeof.register(KVPacket)
     def _sizeof_packet(p: KVPacket) -> int:
         return p.nbytes + 64 * len(p.prompt_ids) + 512
+
+    from .gpu import register_cuda_serialization
+
+    register_cuda_serialization(KVPacket)
 
     @sizeof.register(torch.Tensor)
     def _sizeof_tensor(t: torch.Tensor) -> int:

@@ -75,6 +75,8 @@ class EngineHost(WorkerPlugin):
             out["decode_steps"] = self.decode.stats.steps
             out["decode_tokens"] = self.decode.stats.tokens
             out["decode_busy_s"] = self.decode.stats.busy_s
+            out["kv_packets"] = self.decode.stats.kv_packets
+            out["kv_packets_host_staged"] = self.decode.stats.kv_packets_host_staged
         return out
 
 

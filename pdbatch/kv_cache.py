@@ -31,6 +31,7 @@ class SlotKVCache(Cache):
         self.slots = 0  # allocated capacity
         self.max_len = 0
         self.lengths: list[int] = []  # tokens held per active slot
+        self.peak_bytes = 0  # largest pool allocated: the budget is a promise, this checks it
         self._rows = self._pos = None
         self._kv_len = 0
 
@@ -59,21 +60,29 @@ class SlotKVCache(Cache):
         if need_slots <= self.slots and need_len <= self.max_len:
             return
         need_slots, need_len = max(need_slots, self.slots), max(need_len, self.max_len)
-        # Double when the budget allows (few reallocations), else take exactly what is needed.
-        slots = min(max(need_slots, 2 * self.slots), self.max_slots)
-        if self.pool_bytes(slots, need_len) > self.budget_bytes:
-            slots = need_slots
-        length = min(max(-(-need_len // 64) * 64, 2 * self.max_len), self.len_limit)
-        if length < need_len or self.pool_bytes(slots, length) > self.budget_bytes:
+        # Slots double when the budget allows (few reallocations). The length axis grows only to
+        # the longest reservation (rounded to 64): every slot pays for it, so doubling it would
+        # spend the budget on padding and admit fewer sequences.
+        length = max(need_len, min(-(-need_len // 64) * 64, self.len_limit))
+        if self.pool_bytes(need_slots, length) > self.budget_bytes:
             length = need_len
+        slots = min(max(need_slots, 2 * self.slots), self.max_slots)
+        if self.pool_bytes(slots, length) > self.budget_bytes:
+            slots = need_slots
         shape = (slots, self.kv_heads, length, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        if self.n:
-            for layer in range(self.num_layers):  # amortized: happens O(log) times per job
-                new_k[layer][:self.n, :, :self.max_len] = self.k[layer][:self.n]
-                new_v[layer][:self.n, :, :self.max_len] = self.v[layer][:self.n]
+        new_k, new_v = [], []
+        for layer in range(self.num_layers):  # amortized: happens O(log) times per job
+            nk = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            nv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.n:
+                nk[:self.n, :, :self.max_len] = self.k[layer][:self.n]
+                nv[:self.n, :, :self.max_len] = self.v[layer][:self.n]
+            if self.k:  # free each old layer once copied: the peak is the new pool plus one old
+                self.k[layer] = self.v[layer] = None  # layer, not twice the budget
+            new_k.append(nk)
+            new_v.append(nv)
         self.k, self.v, self.slots, self.max_len = new_k, new_v, slots, length
+        self.peak_bytes = max(self.peak_bytes, self.pool_bytes(slots, length))
 
     # --- sequences -----------------------------------------------------------------------
     def add(self, kv: torch.Tensor, reserve_len: int) -> int:

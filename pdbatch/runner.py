@@ -4,16 +4,16 @@ cluster, run the pipeline, print the summary."""
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 import click
 
 from .config import JobConfig
+from .dashboard import page_url
 from .dataset import plan_input
 from .errors import UserError
 from .model import check_model_dir
 from .output import OutputDir
+from .progress import JobProgress
 from .report import summary_lines
 
 
@@ -30,35 +30,41 @@ def run_job(cfg: JobConfig, echo=None) -> dict:
     out = OutputDir(os.path.abspath(cfg.output))
     job = {"input": plan.fingerprint(), **cfg.result_options()}
     done = out.prepare(job, cfg.overwrite)
-    if plan.total_rows == 0:
+    if plan.total_rows == 0:  # valid input with nothing to generate: no cluster to start
         echo("pdbatch: input has no rows; nothing to do")
+        return _empty_output(cfg, plan, out)
     with connect(cfg) as (client, protocol, dashboard):
         echo(f"pdbatch: {plan.total_rows} rows in {len(plan.units)} units "
-             f"({len(done)} already done), mode {cfg.mode}, dashboard {dashboard}")
-        pipeline = Pipeline(cfg, client, plan, out, done, protocol=protocol,
-                            on_progress=Progress(cfg.progress, plan.total_rows, echo))
+             f"({len(done)} already done), mode {cfg.mode}, dashboard {page_url(dashboard) or 'off'}")
+        progress = JobProgress(cfg.progress, echo, client)
+        pipeline = Pipeline(cfg, client, plan, out, done, protocol=protocol, on_progress=progress)
         pipeline.register_engines()
-        report = pipeline.run()
+        try:
+            report = pipeline.run()
+        finally:
+            progress.close()
     for line in summary_lines(report):
         echo(line)
     echo(f"output         {out.path}")
     return report
 
 
-class Progress:
-    """Periodic progress lines (a live bar on a terminal is the monitoring issue's job)."""
+def _empty_output(cfg: JobConfig, plan, out: OutputDir) -> dict:
+    """A zero-row input gives a zero-row dataset (with the output schema, so readers see the
+    columns), a report and _SUCCESS."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, kind: str, total: int, echo, every_s: float = 10.0):
-        self.kind = "log" if kind == "auto" and not sys.stderr.isatty() else kind
-        self.total, self.echo, self.every_s = total, echo, every_s
-        self.last = time.time()
+    from .output import OUTPUT_SCHEMA, write_shard
+    from .report import RunTotals, build_report
 
-    def __call__(self, pipeline) -> None:
-        if self.kind == "none" or time.time() - self.last < self.every_s:
-            return
-        self.last = time.time()
-        t = pipeline.totals
-        elapsed = time.time() - pipeline.started
-        rate = pipeline.this_run.output_tokens / elapsed if elapsed > 0 else 0
-        self.echo(f"pdbatch: {t.rows}/{self.total} rows, {rate:.0f} output tokens/s, "
-                  f"{len(pipeline.inflight)} units in flight")
+    table = OUTPUT_SCHEMA.empty_table()
+    keep = pq.ParquetFile(plan.files[0]).schema_arrow.empty_table().select(plan.keep_columns)
+    for name in keep.column_names:
+        table = table.append_column(name, keep.column(name))
+    write_shard(out.path, "empty", table)
+    report = build_report(RunTotals(), this_run=RunTotals(), wall_s=0.0, mode=cfg.mode, workers={},
+                          dashboard=None, total_rows=0, resumed_units=0, dask_transfer_bytes=0,
+                          protocol="none")
+    out.write_report(report)
+    out.mark_success()
+    return report

@@ -59,6 +59,7 @@ class EngineHost(WorkerPlugin):
                                        prefill=self.prefill if o["mode"] == "colocated" else None)
         log.info("pdbatch worker %s ready as %s in %.1fs (%s, %s)", name, "+".join(sorted(self.roles)),
                  time.time() - t0, lm.device, lm.dtype)
+        from .metrics import install_worker_metrics; install_worker_metrics(worker)  # noqa: E702  (monitoring)
 
     def teardown(self, worker) -> None:
         if self.decode is not None:
@@ -99,3 +100,21 @@ def incoming_transfer_bytes(dask_worker=None) -> int:
     """For `client.run`: bytes this worker fetched from other workers (Dask's transfer log)."""
     w = dask_worker or get_worker()
     return int(sum(entry.get("total", 0) for entry in w.transfer_incoming_log))
+
+
+def worker_memory(dask_worker=None) -> dict:
+    """For `client.run`: this worker process's peak RSS (the kernel's high-water mark, so no
+    spike between samples is missed) and, on a decode worker, the KV pool's peak vs its budget."""
+    import os
+    import resource
+    import sys
+
+    w = dask_worker or get_worker()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"name": str(w.name), "pid": os.getpid(),
+           "peak_rss_bytes": int(peak if sys.platform == "darwin" else peak * 1024)}
+    plugin = w.plugins.get(PLUGIN_NAME)
+    if plugin is not None and plugin.decode is not None:
+        out["kv_pool_peak_bytes"] = plugin.decode.cache.peak_bytes
+        out["kv_budget_bytes"] = plugin.decode.cache.budget_bytes
+    return out

@@ -8,12 +8,13 @@ fixed at start, never changed on a live worker. It listens on loopback only.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
 import dask
 
-from .config import JobConfig
+from .config import JobConfig, parse_size
 from .errors import UserError
 
 # UCX on a CPU host runs over TCP; the memtype-cache warning is harmless noise (DESIGN.md).
@@ -59,7 +60,7 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR if name.startswith("bokeh") else logging.WARNING)
 
 
-def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0) -> dict:
+def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0, security=None) -> dict:
     """One Nanny (a separate worker process) per worker, its role given as a resource at start.
     With GPUs, each worker gets its own GPU (dask-cuda style), shared round-robin if fewer."""
     from distributed import Nanny
@@ -70,7 +71,10 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0) -> 
     for index, (role, i) in enumerate(roles):
         options = {
             "nthreads": 1, "resources": {role: 1}, "host": "127.0.0.1", "protocol": protocol,
-            "memory_limit": 0, "dashboard": False, "silence_logs": logging.WARNING,
+            # with a limit, the nanny restarts a worker that outgrows it (a runaway row), and the
+            # driver redoes that worker's units (pipeline.py, quarantine.py)
+            "memory_limit": parse_size(cfg.worker_memory_limit), "dashboard": False,
+            "silence_logs": logging.WARNING,
             # if the driver is SIGKILLed, orphaned workers give up and exit instead of lingering
             "death_timeout": 60,
             "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -81,8 +85,18 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0) -> 
             extra = gpu_worker_options(index, gpus, cfg.rmm_pool_size)
             options["env"].update(extra.pop("env"))
             options.update(extra)
+        if security is not None:
+            options["security"] = security
         specs[f"{role}-{i}"] = {"cls": Nanny, "options": options}
     return specs
+
+
+def _scheduler_file_address(path: str | None) -> str:
+    try:
+        with open(path) as f:
+            return str(json.load(f).get("address", ""))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return ""  # Client() reports an unreadable scheduler file itself
 
 
 @contextlib.contextmanager
@@ -90,18 +104,27 @@ def connect(cfg: JobConfig):
     """Yield (client, protocol, dashboard_link) and shut the embedded cluster down at exit."""
     from distributed import Client, Scheduler, SpecCluster
 
+    from .security import job_security
+
     quiet_dask_logs()
     gpus = gpu_count()
+    security = job_security(cfg)
     if cfg.scheduler_address or cfg.scheduler_file:
         if cfg.scheduler_file and not os.path.isfile(cfg.scheduler_file):
             raise UserError(f"scheduler file not found: {cfg.scheduler_file}")
-        address = cfg.scheduler_address or ""
+        address = cfg.scheduler_address or _scheduler_file_address(cfg.scheduler_file)
+        if address.startswith("tls://") and security is None:
+            raise UserError(f"the scheduler at {address} uses TLS: give the cluster's certificate with "
+                            f"--tls-ca-file, --tls-cert and --tls-key")
         protocol = address.split("://")[0] if "://" in address else resolve_protocol(cfg, gpus)
+        if security is not None and protocol == "tcp":
+            protocol = "tls"
         ensure_ucxx(protocol, gpus)
         try:
-            client = Client(address=cfg.scheduler_address, scheduler_file=cfg.scheduler_file, timeout=60)
-        except (OSError, TimeoutError) as e:
-            raise UserError(f"cannot reach the Dask scheduler: {e}") from None
+            client = Client(address=cfg.scheduler_address, scheduler_file=cfg.scheduler_file, timeout=60,
+                            security=security)
+        except (OSError, TimeoutError, RuntimeError, TypeError) as e:  # unreachable, or a TLS mismatch
+            raise UserError(f"cannot reach the Dask scheduler: {' '.join(str(e).split())}") from None
         try:
             yield client, protocol, client.dashboard_link
         finally:
@@ -109,13 +132,17 @@ def connect(cfg: JobConfig):
         return
 
     protocol = resolve_protocol(cfg, gpus)
+    if security is not None:  # config.validate refuses TLS with ucxx
+        protocol = "tls"
     ensure_ucxx(protocol, gpus)
     scheduler = {"cls": Scheduler, "options": {
         "protocol": protocol, "host": "127.0.0.1", "dashboard_address": cfg.dashboard_address,
         "dashboard": True, "preload": ["pdbatch.dashboard"]}}  # pdbatch page + /metrics
+    if security is not None:
+        scheduler["options"]["security"] = security
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
-    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus), scheduler=scheduler,
-                          silence_logs=logging.WARNING, name="pdbatch")
+    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
+                          silence_logs=logging.WARNING, name="pdbatch", security=security)
     try:
         client = Client(cluster)
         try:

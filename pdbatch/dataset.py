@@ -85,11 +85,35 @@ def find_files(input_path: str) -> tuple[str, list[str]]:
     return os.path.abspath(root), [os.path.abspath(f) for f in files]
 
 
-def _open(path: str) -> pq.ParquetFile:
+def _open(path: str, in_dir: bool = False) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"not a readable Parquet file: {path} ({str(e).splitlines()[0]})") from None
+        hint = " (a directory input reads every file not starting with '_' or '.'; " \
+               "move it out or give a glob such as DIR/*.parquet)" if in_dir else ""
+        raise UserError(f"not a readable Parquet file: {path} ({str(e).splitlines()[0]}){hint}") from None
+
+
+def _check_input_types(schema: pa.Schema, prompt: str | None, messages: str | None, path: str) -> None:
+    """A column of the wrong kind fails every row alike: say so once, before any worker starts."""
+    def base(name):
+        t = schema.field(name).type
+        return t.value_type if pa.types.is_dictionary(t) else t
+
+    text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) \
+        or getattr(pa.types, "is_string_view", lambda _: False)(t)  # noqa: E731
+    listy = lambda t: pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)  # noqa: E731
+    if prompt:
+        t = base(prompt)
+        if not (text(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                or (listy(t) and pa.types.is_integer(t.value_type))):
+            raise UserError(f"prompt column {prompt!r} is {schema.field(prompt).type} in {path}; it must hold "
+                            f"text (string or binary) or token ids (list of integers)")
+    if messages:
+        t = base(messages)
+        if not (text(t) or listy(t)):
+            raise UserError(f"messages column {messages!r} is {schema.field(messages).type} in {path}; it must "
+                            f"hold lists of {{role, content}} or their JSON text")
 
 
 def plan_input(input_path: str, *, prompt_column: str = "prompt", id_column: str | None = None,
@@ -97,7 +121,7 @@ def plan_input(input_path: str, *, prompt_column: str = "prompt", id_column: str
     if unit_rows < 1:
         raise UserError(f"unit rows must be >= 1, got {unit_rows}")
     root, files = find_files(input_path)
-    opened = [(f, _open(f)) for f in files]
+    opened = [(f, _open(f, os.path.isdir(input_path))) for f in files]
     names0 = opened[0][1].schema_arrow.names
     # A `messages` column (chat) is used when the prompt column is absent, as documented.
     if prompt_column in names0:
@@ -110,6 +134,7 @@ def plan_input(input_path: str, *, prompt_column: str = "prompt", id_column: str
     for col, what in [(id_column, "id column")] + [(c, "keep column") for c in keep_columns]:
         if col and col not in names0:
             raise UserError(f"{what} {col!r} not found in {files[0]}")
+    _check_input_types(opened[0][1].schema_arrow, prompt, messages, files[0])
     sampling = [c for c in SAMPLING_COLUMNS if c in names0]
     needed = [c for c in (prompt, messages, id_column, *keep_columns, *sampling) if c]
     types0 = {c: opened[0][1].schema_arrow.field(c).type for c in needed}

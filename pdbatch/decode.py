@@ -240,10 +240,10 @@ class DecodeEngine:
             self._prompts.clear()
             active, self.active = self.active, []
             self.cache.lengths = []
-        for s in active:
-            if not s.future.done():
-                s.future.set_result(SequenceOutput.failed(s.packet_id, why, s.prompt_len, s.prefill_worker))
-        for f in pending:
+        # An exception, not an error row: the decode task fails and the driver redoes the unit
+        # from its prompts (bounded, then row-by-row quarantine). A failed step says nothing
+        # about which sequence caused it, so no row is marked failed for good here.
+        for f in [s.future for s in active] + pending:
             if not f.done():
                 f.set_exception(RuntimeError(why))
 

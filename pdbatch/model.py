@@ -55,6 +55,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"model directory has no weight files (*.safetensors or *.bin): {path}")
     if not os.access(p / "config.json", os.R_OK):
         raise UserError(f"model directory is not readable: {path}")
+    try:  # caught here in one line, not as a traceback from every worker's engine set-up
+        with open(p / "config.json", "rb") as f:
+            ok = isinstance(json.load(f), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"config.json is not a JSON object: {p / 'config.json'}")
     return p
 
 

@@ -66,6 +66,31 @@ def outputs_to_table(outputs: list[SequenceOutput], keep: pa.Table | None = None
     return table
 
 
+def unit_summary(unit_id: str, outputs: list[SequenceOutput], writer: str) -> dict:
+    """The unit's manifest entry: the figures the driver aggregates into the report."""
+    ok = [o for o in outputs if o.error is None]
+    return {
+        "unit": unit_id, "rows": len(outputs), "errors": len(outputs) - len(ok),
+        "prompt_tokens": sum(o.num_prompt_tokens for o in outputs),
+        "output_tokens": sum(o.num_generated_tokens for o in ok),
+        "ttft_s": [o.ttft_s for o in ok if o.ttft_s is not None],
+        "tpot_s": [o.tpot_s for o in ok if o.tpot_s is not None],
+        "kv_bytes": sum(o.kv_bytes for o in ok if o.prefill_worker != o.decode_worker),
+        "kv_transfer_s": max((o.kv_transfer_s or 0.0 for o in ok), default=0.0),
+        "rows_by_decode_worker": _count(o.decode_worker for o in ok),
+        "rows_by_prefill_worker": _count(o.prefill_worker for o in ok),
+        "writer": writer,
+    }
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        if v is not None:
+            out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
 def shard_name(unit_id: str) -> str:
     return f"part-{unit_id}.parquet"
 
@@ -77,7 +102,21 @@ def write_shard(out_dir: str, unit_id: str, table: pa.Table) -> str:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)  # atomic on POSIX: readers see the old state or the whole shard
+    _fsync_dir(out_dir)  # the rename itself survives a power cut before the manifest says done
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename still happened
+        pass
+    finally:
+        os.close(fd)
 
 
 class OutputDir:
@@ -111,28 +150,61 @@ class OutputDir:
                                     f"{', '.join(diff)}; use --overwrite to replace it")
         os.makedirs(self.meta, exist_ok=True)
         self._clean_temp()
+        done = self.done_units()
+        self._compact_manifest(done)
         with open(os.path.join(self.meta, "job.json"), "w") as f:
             json.dump(job, f, indent=1, sort_keys=True)
-        return self.done_units()
+        return done
 
     def _clean_temp(self) -> None:
         for name in os.listdir(self.path):  # leftovers of a crash mid-write: never data
             if name.startswith(".tmp-"):
                 os.remove(os.path.join(self.path, name))
 
+    def _manifest_entries(self) -> tuple[list[dict], bool]:
+        """The whole, well-formed entries, and whether the file holds anything else."""
+        entries, junk = [], False
+        with open(self.manifest, "rb") as f:
+            data = f.read()
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a torn last line from a killed driver (or bytes that are not UTF-8)
+                junk = True
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("unit"), str) and isinstance(entry.get("rows"), int):
+                entries.append(entry)
+            else:
+                junk = True
+        return entries, junk or not data.endswith(b"\n") and bool(data)
+
+    def _compact_manifest(self, done: dict[str, dict]) -> None:
+        """Keep exactly the entries of the units that count as done, once each. A torn last line
+        must go before anything is appended (the next entry would be glued to it and lost), and
+        the entry of a unit whose shard is gone or truncated goes too, so that once the unit is
+        redone the manifest names it once."""
+        if not os.path.exists(self.manifest):
+            return
+        entries, junk = self._manifest_entries()
+        if not junk and entries == list(done.values()):
+            return
+        tmp = self.manifest + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in done.values())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.manifest)
+
     def done_units(self) -> dict[str, dict]:
         done: dict[str, dict] = {}
         if not os.path.exists(self.manifest):
             return done
-        with open(self.manifest) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a killed driver
-                shard = os.path.join(self.path, shard_name(entry["unit"]))
-                if os.path.isfile(shard) and _rows(shard) == entry["rows"]:
-                    done[entry["unit"]] = entry
+        for entry in self._manifest_entries()[0]:
+            shard = os.path.join(self.path, shard_name(entry["unit"]))
+            if os.path.isfile(shard) and _rows(shard) == entry["rows"]:  # a truncated shard is redone
+                done[entry["unit"]] = entry
         return done
 
     def record(self, entry: dict) -> None:

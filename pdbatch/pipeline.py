@@ -8,7 +8,11 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
 - when its prefill finishes, its decode goes to the decode worker with the most free KV budget
   (its budget minus the KV already routed to it and not yet decoded);
 - the worker list is re-read continuously, so workers that join mid-job take work and workers
-  that leave are no longer chosen (Dask recomputes what they held from lineage).
+  that leave are no longer chosen;
+- a unit whose task failed or whose prefill/decode worker left is started again from its
+  prompts under new keys (Dask cannot recompute a task pinned to a dead worker), up to
+  --max-attempts times; then its rows are probed one by one and a row that still fails is
+  quarantined (quarantine.py). With no worker of a role for --worker-timeout, the job stops.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ from distributed import Client, Future, wait
 
 from .config import JobConfig
 from .dataset import ROW_ID, InputPlan, WorkUnit, read_unit
-from .output import OutputDir
+from .output import OutputDir, outputs_to_table, unit_summary, write_shard
+from .quarantine import Quarantine, Suspect
 from .report import RunTotals, build_report
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
-from .worker import EngineHost, incoming_transfer_bytes, worker_status
+from .worker import EngineHost, incoming_transfer_bytes, worker_memory, worker_status
 
 log = logging.getLogger("pdbatch")
 
-MAX_ATTEMPTS = 3
-NO_WORKER_TIMEOUT_S = 300.0
+RESULT_TIMEOUT_S = 60.0  # fetching a finished task's small result; longer means its holder died
 
 
 class JobFailed(Exception):
@@ -50,6 +54,7 @@ class _Unit:
     decode_worker: str | None = None
     kv_bytes: int = 0
     futures: dict = field(default_factory=dict)
+    probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
 
 
 class Pipeline:
@@ -65,11 +70,16 @@ class Pipeline:
         self.totals, self.this_run = RunTotals(), RunTotals()
         for entry in done.values():
             self.totals.add(entry)
+            for key in ("ttft_s", "tpot_s"):  # per-row lists, aggregated now: memory must not grow
+                entry.pop(key, None)           # with the rows of a resumed job
         self.inflight: dict[str, _Unit] = {}
         self.prefill_load: dict[str, int] = {}
         self.decode_kv: dict[str, int] = {}  # KV bytes routed to each decode worker, not yet done
         self.budgets: dict[str, int] = {}
         self.workers: dict[str, dict] = {}
+        self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
+        self.quarantine = Quarantine()
+        self.retries = 0
         self.on_progress = on_progress or (lambda pipeline: None)
         self.started = time.time()
 
@@ -90,11 +100,15 @@ class Pipeline:
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         self.workers = {addr: {"name": str(w.get("name")), "resources": w.get("resources", {}),
                                "status": w.get("status")} for addr, w in info.items()}
+        self.names.update({a: w["name"] for a, w in self.workers.items()})
         new = [a for a in self.workers if a not in self.budgets]
         if new:
-            status = self.client.run(worker_status, workers=new)
+            # a worker may die between the two calls (that is what this driver survives), and a
+            # new one may not have set its engines up yet: ask again on the next refresh
+            status = self.client.run(worker_status, workers=new, on_error="return")
             for addr, s in status.items():
-                self.budgets[addr] = s.get("kv_budget_bytes", 0) if s else 0
+                if isinstance(s, dict) and s:
+                    self.budgets[addr] = s.get("kv_budget_bytes", 0)
 
     def role_workers(self, role: str) -> list[str]:
         if self.cfg.mode == "colocated":
@@ -153,6 +167,8 @@ class Pipeline:
         return True
 
     def _submit_write(self, u: _Unit) -> None:
+        if u.probe is not None:  # a probe's one row comes back to the driver (quarantine.py)
+            return
         # on the decode worker, where the outputs already are
         u.futures["write"] = self._submit(write_unit, u.futures["decode"], u.keep,
                                           os.path.abspath(self.out.path), u.unit.unit_id,
@@ -172,14 +188,47 @@ class Pipeline:
         u.counted_prefill = False
 
     def _retry(self, u: _Unit, why: str) -> None:
-        """Start the unit over from its prompts (new keys), at most MAX_ATTEMPTS times."""
+        """Start the unit over from its prompts (new keys), at most --max-attempts times in all;
+        then its rows go to quarantine (quarantine.py). Nothing of a failed attempt is written:
+        its write task is released with it, and only the driver appends to the manifest."""
         self._release(u)
         u.attempt += 1
-        if u.attempt >= MAX_ATTEMPTS:
-            raise JobFailed(f"unit {u.unit.unit_id} failed {MAX_ATTEMPTS} times, last: {why}")
+        self.retries += 1
+        if u.probe is not None:  # a row that failed alone on the cluster: quarantined
+            del self.inflight[u.unit.unit_id]
+            self.quarantine.failed(u.probe, u.rows.column(ROW_ID)[0].as_py(), why)
+            if u.probe.systematic:
+                raise JobFailed(f"the first {len(u.probe.outputs)} rows of unit {u.probe.unit.unit.unit_id} "
+                                f"also failed one at a time, alone on the cluster: not a bad row but a "
+                                f"broken setup; last error: {why}")
+            return
+        if u.attempt >= self.cfg.max_attempts:
+            del self.inflight[u.unit.unit_id]
+            self.quarantine.add(u, u.attempt, why)
+            return
         log.warning("unit %s: %s; starting it again (attempt %d/%d)", u.unit.unit_id, why,
-                    u.attempt + 1, MAX_ATTEMPTS)
+                    u.attempt + 1, self.cfg.max_attempts)
         self.submit_unit(u)
+
+    def _next_probe(self) -> None:
+        """With nothing else in flight: start the next single-row probe, or write a suspect
+        unit whose rows have all been probed."""
+        nxt = self.quarantine.next_probe()
+        if nxt is None:
+            s = self.quarantine.pop()
+            table = outputs_to_table(s.outputs, s.unit.keep)
+            write_shard(self.out.path, s.unit.unit.unit_id, table)  # OUT is shared on multi-node runs
+            self._record(unit_summary(s.unit.unit.unit_id, s.outputs, "driver"))
+            return
+        suspect, wu, rows = nxt
+        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect)
+        self.inflight[wu.unit_id] = probe
+        self.submit_unit(probe)
+
+    def _record(self, summary: dict) -> None:
+        self.out.record(summary)
+        self.totals.add(summary)
+        self.this_run.add(summary)
 
     # --- main loop --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -195,7 +244,8 @@ class Pipeline:
                 self.refresh_workers()
                 last_refresh = time.time()
                 self._recover_lost_workers()
-            while not exhausted and len(self.inflight) < window:  # fill the window
+            # a quarantine suspect's rows run alone (quarantine.py): admit nothing while it waits
+            while not exhausted and len(self.inflight) < window and not self.quarantine.active:
                 unit = next(todo, None)
                 if unit is None:
                     exhausted = True
@@ -203,6 +253,9 @@ class Pipeline:
                 u = self._make_unit(unit)
                 self.inflight[unit.unit_id] = u
                 self.submit_unit(u)
+            if self.quarantine.active and not self.inflight:
+                self._next_probe()
+                continue
             if exhausted and not self.inflight:
                 break
             for u in list(self.inflight.values()):
@@ -211,7 +264,9 @@ class Pipeline:
                 elif u.phase == "wait-decode":
                     self.submit_decode(u)
             stalled_since = self._check_stall(stalled_since)
-            futures = [f for u in self.inflight.values() for f in u.futures.values()]
+            # only pending futures: a finished prefill stays in u.futures (its KV feeds decode),
+            # and waiting on it would return at once and spin this loop
+            futures = [f for u in self.inflight.values() for f in u.futures.values() if not f.done()]
             if futures:
                 try:
                     wait(futures, timeout=0.5, return_when="FIRST_COMPLETED")
@@ -229,10 +284,11 @@ class Pipeline:
         if not waiting:
             return None
         since = since or time.time()
-        if time.time() - since > NO_WORKER_TIMEOUT_S:
+        if time.time() - since > self.cfg.worker_timeout:
             role = "decode" if "wait-decode" in waiting else "prefill"
-            raise JobFailed(f"no {role} worker available for {NO_WORKER_TIMEOUT_S:.0f}s; "
-                            f"rerun the same command to resume")
+            raise JobFailed(f"no {role} worker available for {self.cfg.worker_timeout:g}s "
+                            f"(--worker-timeout); {self.totals.rows}/{self.plan.total_rows} rows are written; "
+                            f"start workers and rerun the same command to resume")
         return since
 
     def _recover_lost_workers(self) -> None:
@@ -240,7 +296,7 @@ class Pipeline:
         for u in list(self.inflight.values()):
             gone = [w for w in (u.prefill_worker, u.decode_worker) if w and w not in self.workers]
             if gone and u.futures and not (u.futures.get("write") and u.futures["write"].done()):
-                self._retry(u, f"worker {gone[0]} left")
+                self._retry(u, f"worker {self.names.get(gone[0], '?')} ({gone[0]}) left")
 
     def _make_unit(self, unit: WorkUnit) -> _Unit:
         table = read_unit(self.plan, unit)
@@ -257,18 +313,33 @@ class Pipeline:
         elif u.phase == "prefill" and u.futures["prefill"].status == "finished":
             self._end_prefill_load(u)
             self.submit_decode(u)
+        elif u.probe is not None and "decode" in u.futures and u.futures["decode"].status == "finished":
+            out = self._result(u, "decode")
+            if out is not None:
+                self._release(u)
+                del self.inflight[u.unit.unit_id]
+                self.quarantine.passed(u.probe, out[0])
         elif "write" in u.futures and u.futures["write"].status == "finished":
-            summary = u.futures["write"].result()
-            self.out.record(summary)
-            self.totals.add(summary)
-            self.this_run.add(summary)
-            self._release(u)
-            del self.inflight[u.unit.unit_id]
+            summary = self._result(u, "write")
+            if summary is not None:
+                self._record(summary)
+                self._release(u)
+                del self.inflight[u.unit.unit_id]
+
+    def _result(self, u: _Unit, phase: str):
+        """A finished task's (small) result; None after restarting the unit if its holder died
+        in between (Dask would otherwise wait for a recompute pinned to the dead worker)."""
+        try:
+            return u.futures[phase].result(timeout=RESULT_TIMEOUT_S)
+        except Exception as e:
+            self._retry(u, f"result of {phase} lost: {type(e).__name__}: {e}")
+            return None
 
     def finish(self) -> dict:
         wall = time.time() - self.started
         self.refresh_workers()
-        moved = self.client.run(incoming_transfer_bytes)
+        moved = {a: v for a, v in self.client.run(incoming_transfer_bytes, on_error="return").items()
+                 if isinstance(v, int)}
         workers = {"prefill": len(self.role_workers("prefill")), "decode": len(self.role_workers("decode"))}
         if self.cfg.mode == "colocated":
             workers = {"colocated": len(self.role_workers("decode"))}
@@ -276,7 +347,15 @@ class Pipeline:
                               workers=workers, dashboard=self.client.dashboard_link,
                               total_rows=self.plan.total_rows, resumed_units=len(self.done),
                               dask_transfer_bytes=int(sum(moved.values())), protocol=self.protocol)
+        report["unit_retries"] = self.retries
+        report["rows_quarantined"] = self.quarantine.rows_quarantined
+        report["worker_memory"] = self._worker_memory()
         self.out.write_report(report)
         if self.totals.rows == self.plan.total_rows:
             self.out.mark_success()
         return report
+
+    def _worker_memory(self) -> dict:
+        """Per live worker (by name): peak RSS, and the decode KV pool's peak against its budget."""
+        got = self.client.run(worker_memory, on_error="return")
+        return {v.pop("name"): v for v in got.values() if isinstance(v, dict) and v}

@@ -82,12 +82,22 @@ class PrefillEngine:
             batch = [requests[i] for i in idx]
             try:
                 outs = self._forward(batch)
-            except Exception as e:  # keep other batches alive; record why this one failed
-                outs = [SequenceOutput.failed(r.id, f"prefill failed: {type(e).__name__}: {e}",
-                                              len(r.prompt_ids), self.worker_name) for r in batch]
+            except Exception:  # keep other batches alive; find out which rows fail on their own
+                outs = self._one_by_one(batch)
             for i, o in zip(idx, outs):
                 results[i] = o
         return results
+
+    def _one_by_one(self, batch: list[Request]) -> list[KVPacket | SequenceOutput]:
+        """A batch whose forward raised: each row alone, so one bad row fails only itself."""
+        out = []
+        for r in batch:
+            try:
+                out += self._forward([r])
+            except Exception as e:
+                out.append(SequenceOutput.failed(r.id, f"prefill failed: {type(e).__name__}: {e}",
+                                                 len(r.prompt_ids), self.worker_name))
+        return out
 
     @torch.inference_mode()
     def _forward(self, batch: list[Request]) -> list[KVPacket | SequenceOutput]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import deque
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -15,14 +17,45 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
+class Reservoir(list):
+    """At most `cap` samples: all of them up to the cap, then a uniform random sample
+    (Vitter's algorithm R, fixed seed), so the driver's memory does not grow with the rows while
+    percentiles stay exact for jobs up to `cap` rows and close beyond. `since(n)` gives what
+    arrived after the first n samples (the newest `recent` of them), for incremental readers."""
+
+    def __init__(self, cap: int = 200_000, recent: int = 20_000, seed: int = 0):
+        super().__init__()
+        self.cap, self.seen = cap, 0
+        self.recent: deque = deque(maxlen=recent)
+        self._rng = random.Random(seed)
+
+    def __iadd__(self, values):
+        for v in values:
+            self.seen += 1
+            self.recent.append(v)
+            if len(self) < self.cap:
+                self.append(v)
+            else:
+                j = self._rng.randrange(self.seen)
+                if j < self.cap:
+                    self[j] = v
+        return self
+
+    def since(self, n: int) -> list:
+        if self.seen <= self.cap:
+            return self[n:]
+        k = min(self.seen - n, len(self.recent))
+        return list(self.recent)[len(self.recent) - k:] if k > 0 else []
+
+
 class RunTotals:
     """Aggregates the per-unit summaries returned by the write tasks."""
 
     def __init__(self):
         self.units = 0
         self.rows = self.errors = self.prompt_tokens = self.output_tokens = self.kv_bytes = 0
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
+        self.ttft: list[float] = Reservoir()
+        self.tpot: list[float] = Reservoir()
         self.kv_transfer_s: list[float] = []
         self.rows_by_decode_worker: dict[str, int] = {}
         self.rows_by_prefill_worker: dict[str, int] = {}

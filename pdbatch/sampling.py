@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 _MASK64 = (1 << 64) - 1
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -51,7 +52,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # as vLLM (_SAMPLING_EPS): below 1e-5, logits / temperature overflows to inf and the
+        # softmax to NaN, which would sample garbage; such a temperature means greedy anyway
+        return self.temperature < GREEDY_BELOW
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

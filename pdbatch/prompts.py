@@ -1,4 +1,7 @@
-"""Turning a row's prompt (text or chat messages) into token ids, with row-level errors."""
+"""Turning a row's prompt (text, chat messages, or token ids) into token ids, with row-level
+errors. A prompt cell that is a list of integers (a `list<int>` column, e.g.
+`--prompt-column prompt_token_ids`) is already tokenized: it is used as is, with no special
+tokens added, as vLLM's `prompt_token_ids`."""
 
 from __future__ import annotations
 
@@ -9,11 +12,13 @@ class RowError(ValueError):
     """A problem with one row: it becomes that row's `error`, the other rows go on."""
 
 
-def encode_prompt(tokenizer, prompt=None, messages=None) -> list[int]:
+def encode_prompt(tokenizer, prompt=None, messages=None, vocab_size: int | None = None) -> list[int]:
     if messages is not None:
-        return _encode_messages(tokenizer, messages)
+        return _in_vocab(_encode_messages(tokenizer, messages), vocab_size)
     if prompt is None:
         raise RowError("prompt is null")
+    if isinstance(prompt, (list, tuple)):
+        return _token_ids(prompt, vocab_size)
     if isinstance(prompt, (bytes, bytearray)):
         try:
             prompt = bytes(prompt).decode("utf-8")
@@ -26,6 +31,28 @@ def encode_prompt(tokenizer, prompt=None, messages=None) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not ids:
         raise RowError("prompt encodes to zero tokens")
+    return _in_vocab(list(ids), vocab_size)
+
+
+def _in_vocab(ids: list[int], vocab_size: int | None) -> list[int]:
+    """A tokenizer can know more tokens than the model's embedding has rows (tokens added, the
+    embedding not resized). Such an id makes the forward raise on CPU and trips a device-side
+    assert on a GPU, which leaves that worker's CUDA context unusable: refuse the row instead."""
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise RowError(f"the prompt's token id {max(ids)} is outside the model's vocabulary of {vocab_size} "
+                       f"ids (the tokenizer has more tokens than the model's embedding)")
+    return ids
+
+
+def _token_ids(ids, vocab_size: int | None) -> list[int]:
+    if not ids:
+        raise RowError("prompt token ids are empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RowError("prompt token ids must all be integers")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        size = f" of {vocab_size} ids" if vocab_size is not None else ""
+        raise RowError(f"prompt token id {bad[0]} is outside the model's vocabulary{size}")
     return list(ids)
 
 
@@ -35,6 +62,8 @@ def _encode_messages(tokenizer, messages) -> list[int]:
             messages = json.loads(messages)
         except json.JSONDecodeError:
             raise RowError("messages is a string but not JSON") from None
+        except RecursionError:  # e.g. "[[[[...": json recurses once per level
+            raise RowError("messages JSON is nested too deeply") from None
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RowError("messages must be a non-empty list of {role, content}")
     clean = []

@@ -17,7 +17,7 @@ from distributed import get_worker, rejoin, secede
 
 from .dataset import ROW_ID
 from .kv_packet import KVPacket
-from .output import outputs_to_table, write_shard
+from .output import outputs_to_table, unit_summary, write_shard
 from .prompts import RowError, encode_prompt
 from .sampling import SamplingParams, row_seed
 from .sequence import Request, SequenceOutput
@@ -25,8 +25,10 @@ from .worker import host
 
 
 def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, tokenizer,
-                   worker: str | None) -> tuple[list[Request | None], list[SequenceOutput | None]]:
-    """Per row: a Request, or a failed output saying what is wrong with the row."""
+                   worker: str | None, vocab_size: int | None = None
+                   ) -> tuple[list[Request | None], list[SequenceOutput | None]]:
+    """Per row: a Request, or a failed output saying what is wrong with the row. A prompt
+    column of token ids (list<int>) is checked against `vocab_size`."""
     ids = rows.column(ROW_ID).to_pylist()
     prompts = rows.column(columns["prompt"]).to_pylist() if columns.get("prompt") else [None] * len(ids)
     messages = rows.column(columns["messages"]).to_pylist() if columns.get("messages") else None
@@ -37,7 +39,7 @@ def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, toke
     for i, rid in enumerate(ids):
         try:
             params = _row_params(defaults, {c: v[i] for c, v in overrides.items()}, rid)
-            prompt_ids = encode_prompt(tokenizer, prompts[i], messages[i] if messages else None)
+            prompt_ids = encode_prompt(tokenizer, prompts[i], messages[i] if messages else None, vocab_size)
         except RowError as e:
             reqs.append(None)
             fails.append(SequenceOutput.failed(rid, str(e), 0, worker))
@@ -78,7 +80,8 @@ def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> lis
     """KV packets (and rows already finished or failed), in row order."""
     h = host()
     engine = h.prefill
-    reqs, fails = build_requests(rows, columns, defaults, engine.lm.tokenizer, engine.worker_name)
+    reqs, fails = build_requests(rows, columns, defaults, engine.lm.tokenizer, engine.worker_name,
+                                 vocab_size(engine.lm))
     results = engine.run([r for r in reqs if r is not None])
     it = iter(results)
     return [f if f is not None else next(it) for f in fails]
@@ -99,7 +102,8 @@ def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:
 def generate_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> list[SequenceOutput]:
     """Colocated mode: this worker's single engine does prefill and decode, interleaved."""
     h = host()
-    reqs, fails = build_requests(rows, columns, defaults, h.decode.lm.tokenizer, h.decode.worker_name)
+    reqs, fails = build_requests(rows, columns, defaults, h.decode.lm.tokenizer, h.decode.worker_name,
+                                 vocab_size(h.decode.lm))
     futs = [h.decode.submit_request(r) if r is not None else f for r, f in zip(reqs, fails)]
     secede()
     try:
@@ -108,31 +112,16 @@ def generate_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> li
         rejoin()
 
 
+def vocab_size(lm) -> int:
+    """Rows of the input embedding: the ids a token-id prompt may use."""
+    return int(lm.model.get_input_embeddings().num_embeddings)
+
+
 def write_unit(outputs: list[SequenceOutput], keep: pa.Table | None, out_dir: str, unit_id: str) -> dict:
     """Write the unit's shard atomically; return the figures the driver aggregates."""
     table = outputs_to_table(outputs, keep)
     write_shard(out_dir, unit_id, table)
-    ok = [o for o in outputs if o.error is None]
-    return {
-        "unit": unit_id, "rows": len(outputs), "errors": len(outputs) - len(ok),
-        "prompt_tokens": sum(o.num_prompt_tokens for o in outputs),
-        "output_tokens": sum(o.num_generated_tokens for o in ok),
-        "ttft_s": [o.ttft_s for o in ok if o.ttft_s is not None],
-        "tpot_s": [o.tpot_s for o in ok if o.tpot_s is not None],
-        "kv_bytes": sum(o.kv_bytes for o in ok if o.prefill_worker != o.decode_worker),
-        "kv_transfer_s": max((o.kv_transfer_s or 0.0 for o in ok), default=0.0),
-        "rows_by_decode_worker": _count(o.decode_worker for o in ok),
-        "rows_by_prefill_worker": _count(o.prefill_worker for o in ok),
-        "writer": str(get_worker().name),
-    }
-
-
-def _count(values) -> dict:
-    out: dict = {}
-    for v in values:
-        if v is not None:
-            out[str(v)] = out.get(str(v), 0) + 1
-    return out
+    return unit_summary(unit_id, outputs, str(get_worker().name))
 
 
 def _transfer_seconds(dep_key: str) -> float:

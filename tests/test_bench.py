@@ -1,0 +1,146 @@
+"""`pdbatch bench` and `pdbatch plan` through the real CLI on a tiny workload, plus the pieces
+they rely on: workloads, the output-equality check, the split arithmetic, token-id prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pipeline_helpers import run_cli
+
+from pdbatch.bench.compare import mismatches
+from pdbatch.bench.plan import recommend
+from pdbatch.bench.systems import SYSTEMS, SystemRun
+from pdbatch.bench.workloads import WorkloadSpec, make_workload, parse_range
+from pdbatch.errors import UserError
+from pdbatch.prompts import RowError, encode_prompt
+
+TINY = ["--rows", "8", "--prompt-len", "16-48", "--output-len", "4-12"]
+PER_SYSTEM = ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "wall_s")
+
+
+def test_bench_cli_writes_figures(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "bench"
+    r = run_cli("bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out", out, timeout=240)
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["systems"]) == set(SYSTEMS)
+    for name, s in result["systems"].items():
+        for key in PER_SYSTEM:
+            assert isinstance(s[key], float) and s[key] > 0, (name, key, s[key])
+        assert s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["wall_s"] + 1e-6
+        assert len(s["per_row"]["ttft_s"]) == 8
+    assert result["outputs_equal"] is True
+    assert {"cores", "gpu", "torch", "transformers", "dask"} <= set(result["machine"])
+    w = result["workload"]
+    assert w["rows"] == 8 and w["prompt_len"] == [16, 48] and w["output_len"] == [4, 12] and w["prefix_share"] == 0.25
+    assert result["settings"]["baseline_threads"] == 2 * result["settings"]["threads_per_worker"]
+    # the pdbatch runs: per-worker busy figures and a task-stream timeline of both phases
+    dis = result["systems"]["disaggregated"]
+    assert dis["workers"]["prefill-0"]["prefill_tokens"] == w["prompt_tokens"]
+    assert dis["workers"]["decode-0"]["decode_tokens"] > 0
+    assert {"prefill", "decode", "write"} <= {span[1] for span in dis["timeline"]}
+    assert {span[1] for span in result["systems"]["colocated"]["timeline"]} >= {"generate"}
+    assert set(result["ratios"]["disaggregated_over_colocated"]) >= {"output_tokens_per_s", "ttft_p50_s", "tpot_p99_s"}
+    assert result["plots"] == ["throughput.png", "ttft_cdf.png", "tpot_cdf.png", "timeline.png"]
+    for name in result["plots"]:
+        with Image.open(out / name) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 300
+    assert "greedy outputs: equal" in r.stdout and "disaggregated / colocated" in r.stdout
+
+
+def test_plan_cli_recommends_a_ratio(tmp_path):
+    r = run_cli("plan", *TINY, "--workers", "3", "--sample-rows", "4", "--json", tmp_path / "plan.json", timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "recommended: --prefill-workers" in r.stdout
+    rec = json.loads((tmp_path / "plan.json").read_text())["recommendation"]
+    best = rec["best"]
+    assert best["prefill_workers"] + best["decode_workers"] == 3 and min(best["prefill_workers"], best["decode_workers"]) >= 1
+    assert best["rows_per_s"] == max(s["rows_per_s"] for s in rec["splits"]) > 0
+    assert 1 <= rec["decode_batch"] <= 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "nope"], "unknown workload"),
+    (["--systems", "disaggregated,vllm"], "vllm"),
+    (["--output-len", "0"], "--output-len"),
+    (["--prefix-share", "1"], "--prefix-share"),
+    (["--decode-workers", "0"], "--decode-workers"),
+])
+def test_bench_user_errors(tmp_path, capsys, args, message):
+    from pdbatch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_recommend_balances_the_stages():
+    cal = {"prefill_rows_per_s": 3.0, "decode_rows_per_s": 1.0, "decode_batch": 32}
+    rec = recommend(cal, 4)
+    assert (rec["best"]["prefill_workers"], rec["best"]["decode_workers"]) == (1, 3)
+    assert rec["best"]["rows_per_s"] == 3.0 and rec["ideal_prefill_share"] == 0.25
+    assert rec["colocated_rows_per_s"] == pytest.approx(3.0)  # 4 / (1/3 + 1)
+    assert recommend({**cal, "decode_rows_per_s": 9.0}, 4)["best"]["prefill_workers"] == 3
+
+
+def test_mismatch_check_names_the_rows():
+    ref = SystemRun([[1, 2], [3, 4], [5, 6]], 1.0, [], [])
+    other = SystemRun([[1, 2], [3, 9], [5, 6]], 1.0, [], [])
+    assert mismatches({"a": ref, "b": ref}, [2, 2, 2]) == []
+    lines = mismatches({"a": ref, "b": other}, [2, 2, 2])
+    assert lines == ["b vs a: rows 1 differ (row 1: first at token 1)"]
+    assert "do not have their requested length" in mismatches({"a": ref}, [2, 3, 2])[0]
+
+
+def test_workloads():
+    assert parse_range("32-512", "x") == (32, 512) and parse_range("7", "x") == (7, 7)
+    for bad in ("0", "9-3", "a-b"):
+        with pytest.raises(UserError):
+            parse_range(bad, "x")
+    with pytest.raises(UserError):
+        WorkloadSpec.build("summarize", 8, prefix_share=1.0)
+    spec = WorkloadSpec.build("summarize", 20, prefix_share=0.5, seed=3)
+    work = make_workload(spec, list(range(3, 1000)))
+    assert all(512 <= len(p) <= 1024 for p in work.prompts) and all(16 <= k <= 64 for k in work.out_lens)
+    shortest = min(len(p) for p in work.prompts)
+    assert len({tuple(p[:shortest // 2]) for p in work.prompts}) == 1  # the shared system prompt
+    assert make_workload(spec, list(range(3, 1000))).prompts == work.prompts  # seeded
+    with pytest.raises(UserError):
+        WorkloadSpec.build("generate", 4).check_fits(256)
+
+
+def test_token_id_prompts():
+    """A list<int> prompt cell is used as is (no special tokens), checked against the vocabulary."""
+    assert encode_prompt(None, [5, 6, 7], vocab_size=10) == [5, 6, 7]
+    for bad, why in (([], "empty"), ([5, 10], "outside the model's vocabulary of 10"), ([1, -1], "outside"),
+                     ([1, 2.5], "integers"), ([True], "integers")):
+        with pytest.raises(RowError, match=why):
+            encode_prompt(None, bad, vocab_size=10)
+
+
+def test_bench_stops_when_outputs_differ(tmp_path, monkeypatch, capsys):
+    """A system whose greedy output differs: the rows are named, no figures, exit code 1."""
+    from pdbatch.bench import engine
+    from pdbatch.cli import main
+
+    real = engine.run_generate_batch
+
+    def one_wrong_row(lm, work, args):
+        outs = real(lm, work, args)
+        if len(outs) > 2:  # not the 2-row warm-up
+            outs[3] = outs[3][:-1] + [outs[3][-1] + 1]
+        return outs
+
+    monkeypatch.setattr(engine, "run_generate_batch", one_wrong_row)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *TINY, "--systems", "hf_generate,generate_batch", "--baseline-threads", "1",
+              "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert e.value.code == 1
+    assert "generate_batch vs hf_generate: rows 3 differ" in out and "tok/s" not in out
+    assert not (tmp_path / "bench.json").exists()

@@ -46,6 +46,13 @@ def job_options(f):
         click.option("--unit-rows", type=int, help="Rows per work unit (default 128): the grain of scheduling and resume."),
         click.option("--max-inflight-units", type=int, help="Units in flight at once (default 2 x workers + 2); bounds memory."),
         click.option("--progress", type=str, help="auto (bar on a terminal, log lines otherwise), bar, log, none."),
+        click.option("--worker-timeout", type=float, help="Seconds to wait for a worker of a needed role (after all of them left) before the job stops with exit code 1 (default 300); the output stays resumable."),
+        click.option("--max-attempts", type=int, help="Tries of a work unit whose task failed or whose worker died (default 3); then its rows are tried one by one and a row that still fails is quarantined with an error."),
+        click.option("--worker-memory-limit", type=str, help="Embedded cluster: memory per worker process, e.g. 16GiB; a worker above it is restarted by its nanny (default 0: no limit)."),
+        click.option("--tls", type=str, help="off (default), auto (embedded cluster: a per-job certificate, all traffic over tls://), or files (with --tls-ca-file/--tls-cert/--tls-key)."),
+        click.option("--tls-ca-file", type=str, help="CA certificate (PEM) that signed the cluster's certificates; with --tls-cert and --tls-key enables TLS."),
+        click.option("--tls-cert", type=str, help="This client's certificate (PEM), signed by --tls-ca-file."),
+        click.option("--tls-key", type=str, help="The private key (PEM) of --tls-cert."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -85,6 +92,7 @@ def _cli_values(options: dict) -> dict:
 
 
 from .slurm import submit; cli.add_command(submit)  # noqa: E402,E702  (Slurm: pdbatch/slurm.py)
+from .bench.cli import bench, plan; cli.add_command(bench); cli.add_command(plan)  # noqa: E402,E702  (pdbatch/bench/cli.py)
 
 
 def main(argv=None) -> None:

@@ -122,6 +122,14 @@ class JobConfig:
     max_inflight_units: int = 0  # 0: 2 x workers + 2
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | log | none
+    # reliability (pdbatch/quarantine.py, docs/security.md)
+    worker_timeout: float = 300.0  # s with no worker of a needed role before the job stops (exit 1)
+    max_attempts: int = 3  # tries of a unit before its rows are probed one by one (quarantine)
+    worker_memory_limit: str = "0"  # embedded workers: the nanny restarts a worker above it; 0: none
+    tls: str = "off"  # off | auto (per-job in-memory CA + cert, embedded cluster) | files (tls_*)
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Slurm (used by `pdbatch submit`; the `[slurm]` table of a job file)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -168,17 +176,41 @@ class JobConfig:
         except ValueError as e:
             raise UserError(str(e)) from None
         self.kv_budget_bytes()
+        self._validate_reliability()
+
+    def _validate_reliability(self) -> None:
+        if not self.worker_timeout > 0:
+            raise UserError(f"--worker-timeout must be > 0 seconds, got {self.worker_timeout}")
+        if self.max_attempts < 1:
+            raise UserError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        parse_size(self.worker_memory_limit)
+        files = [self.tls_ca_file, self.tls_cert, self.tls_key]
+        if self.tls not in ("off", "auto", "files"):
+            raise UserError(f"--tls must be off, auto or files, got {self.tls!r}")
+        if any(files) and self.tls == "off":
+            self.tls = "files"  # giving the certificate files is asking for TLS
+        if self.tls == "files":
+            if not all(files):
+                raise UserError("TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+            for f in files:
+                if not os.path.isfile(f):
+                    raise UserError(f"TLS file not found: {f}")
+        if self.tls == "auto" and (self.scheduler_address or self.scheduler_file):
+            raise UserError("--tls auto makes a certificate for the embedded cluster only; for an existing "
+                            "cluster give the files its scheduler uses (--tls-ca-file/--tls-cert/--tls-key)")
+        if self.tls != "off" and self.protocol == "ucxx":
+            raise UserError("TLS cannot protect UCX traffic (see docs/security.md); use --protocol tcp with TLS")
 
 
 def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    m = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not m:
         raise UserError(f"cannot read size {text!r} (use e.g. 512MiB, 2GiB, 1e9)")
     num = float(m.group(1))
-    mult = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
-    base = 1024 if m.group(3) or m.group(2) == "" else 1000
+    mult = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]  # a bare number is bytes
+    base = 1024 if m.group(3) else 1000
     return int(num * base ** mult)
 
 
@@ -197,6 +229,13 @@ def load_job_file(path: str) -> dict:
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name == "tls" and isinstance(value, dict):  # a [tls] table: ca_file, cert, key
+            for k, v in value.items():
+                sub = "tls_" + k.replace("-", "_")
+                if sub not in ("tls_ca_file", "tls_cert", "tls_key"):
+                    raise UserError(f"unknown key {k!r} in [tls] of job file {path} (ca_file, cert, key)")
+                out[sub] = v
+            continue
         if name not in FIELD_NAMES:
             raise UserError(f"unknown key {key!r} in job file {path}")
         out[name] = value

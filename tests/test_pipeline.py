@@ -228,10 +228,11 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
         start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
         start(*worker, "--name", "decode-a", "--resources", "decode=1")
         inp = tmp_path / "in.parquet"
-        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(64)]}), inp)
+        # long enough that the newcomer (process start + model load) joins well before the end
+        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(160)]}), inp)
         out = tmp_path / "out"
         driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file", str(sched_file),
-                                   "--max-new-tokens", "48", "--ignore-eos", "--unit-rows", "2",
+                                   "--max-new-tokens", "64", "--ignore-eos", "--unit-rows", "2",
                                    "--max-inflight-units", "4"],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while len(manifest_units(out)) < 2 and driver.poll() is None:
@@ -241,7 +242,7 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
         assert driver.returncode == 0, err
         by_worker = read_report(out)["rows_by_decode_worker"]
         assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
-        assert sum(by_worker.values()) == 64
+        assert sum(by_worker.values()) == 160
     finally:
         for p in procs:
             p.terminate()

@@ -110,7 +110,8 @@ def main() -> None:
     result = {"rows": a.rows, "unit_rows": a.unit_rows, "units": total, "max_new_tokens": a.max_new_tokens,
               "wall_s": round(time.time() - t0, 1), "rows_per_s": round(a.rows / report["wall_s"], 1),
               "processes": rows, "report_worker_memory": report.get("worker_memory"),
-              "timeline": [(round(t, 1), u, {names.get(p, p): v // 2**20 for p, v in m.items()}) for t, u, m in samples]}
+              "timeline": [(round(t, 1), u, {names.get(p, p): v // 2**20 for p, v in m.items()})
+                           for t, u, m in samples]}
     (work / "memory.json").write_text(json.dumps(result, indent=1))
     print(f"{a.rows} rows in {total} units, {result['wall_s']} s wall, {result['rows_per_s']} rows/s (pipeline)")
     print(f"{'process':<12} {'@10% MiB':>9} {'@50% MiB':>9} {'@100% MiB':>10} {'peak MiB':>9} {'10->100%':>9}")

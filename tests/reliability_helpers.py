@@ -49,8 +49,8 @@ class ProcCluster:
 
     def add_worker(self, name: str, role: str) -> subprocess.Popen:
         return self._start(name, "distributed.cli.dask_worker", "--scheduler-file", str(self.scheduler_file),
-                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-                           "--memory-limit", "0",
+                           "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
+                           "--dashboard-address", "127.0.0.1:0", "--memory-limit", "0",
                            "--no-nanny", "--name", name, "--resources", f"{role}=1", *self.tls_args)
 
     def signal(self, name: str, sig: int) -> None:
@@ -73,14 +73,16 @@ class ProcCluster:
         return Client(scheduler_file=str(self.scheduler_file), timeout=30, security=security)
 
     def close(self) -> None:
-        for p in self.procs.values():
+        # workers first: a worker whose scheduler is gone waits for it before giving up
+        order = [n for n in self.procs if n != "scheduler"] + [n for n in self.procs if n == "scheduler"]
+        for name in order:
+            p = self.procs[name]
             if p.poll() is None:
                 try:
                     os.kill(p.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
                     p.terminate()
                 except ProcessLookupError:
                     pass
-        for p in self.procs.values():
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -88,7 +88,8 @@ JOB_LEVEL = [
     ("directory with a non-Parquet file",
      lambda d: _mixed_dir(d, lambda p: (p / "notes.txt").write_text("not parquet")), "give a glob such as"),
     ("directory with only hidden/_ files",
-     lambda d: [(d / "h").mkdir() or (d / "h" / "_SUCCESS").write_text("") or d / "h"], "no Parquet files in directory"),
+     lambda d: [(d / "h").mkdir() or (d / "h" / "_SUCCESS").write_text("") or d / "h"],
+     "no Parquet files in directory"),
     ("job file with an unknown key", lambda d: [_ok(d), *_job_file(d, "max_new_token = 5\n")],
      "unknown key 'max_new_token'"),
     ("job file that is not TOML", lambda d: [_ok(d), *_job_file(d, "max_new_tokens = = 5\n")], "is not valid TOML"),
@@ -244,7 +245,8 @@ def test_binary_prompt_row(index, binary_run, tiny):
     mine = [r for r in rows if r["id"] == rid]
     if rid == "dup":  # both rows of the duplicated id are in the output, each with its own result
         assert len(mine) == 2
-        mine = [r for r in mine if r["output_token_ids"] == hf_greedy(tiny, tiny.tokenizer(prompt.decode())["input_ids"], NEW)]
+        ref = hf_greedy(tiny, tiny.tokenizer(prompt.decode())["input_ids"], NEW)
+        mine = [r for r in mine if r["output_token_ids"] == ref]
     assert len(mine) == 1
     ids = tiny.tokenizer(prompt.decode())["input_ids"] if expected in (None, "clamped") else []
     _expect_row(mine[0], tiny, ids, expected)

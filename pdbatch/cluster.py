@@ -109,7 +109,7 @@ def connect(cfg: JobConfig):
     quiet_dask_logs()
     gpus = gpu_count()
     security = job_security(cfg)
-    if cfg.scheduler_address or cfg.scheduler_file:
+    if cfg.existing_cluster:
         if cfg.scheduler_file and not os.path.isfile(cfg.scheduler_file):
             raise UserError(f"scheduler file not found: {cfg.scheduler_file}")
         address = cfg.scheduler_address or _scheduler_file_address(cfg.scheduler_file)

@@ -134,6 +134,11 @@ class JobConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     # --- derived values -------------------------------------------------------------------
+    @property
+    def existing_cluster(self) -> bool:
+        """Connect to a running scheduler rather than start the embedded cluster."""
+        return bool(self.scheduler_address or self.scheduler_file)
+
     def default_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_new_tokens=self.max_new_tokens,
@@ -164,7 +169,7 @@ class JobConfig:
         for name in ("prefill_workers", "decode_workers", "unit_rows", "max_batch_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.mode == "disaggregated" and self.scheduler_address is None and self.scheduler_file is None \
+        if self.mode == "disaggregated" and not self.existing_cluster \
                 and (self.prefill_workers < 1 or self.decode_workers < 1):
             raise UserError("disaggregated mode needs at least one prefill and one decode worker")
         if self.scheduler_address and self.scheduler_file:
@@ -195,7 +200,7 @@ class JobConfig:
             for f in files:
                 if not os.path.isfile(f):
                     raise UserError(f"TLS file not found: {f}")
-        if self.tls == "auto" and (self.scheduler_address or self.scheduler_file):
+        if self.tls == "auto" and self.existing_cluster:
             raise UserError("--tls auto makes a certificate for the embedded cluster only; for an existing "
                             "cluster give the files its scheduler uses (--tls-ca-file/--tls-cert/--tls-key)")
         if self.tls != "off" and self.protocol == "ucxx":

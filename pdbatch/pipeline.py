@@ -85,15 +85,17 @@ class Pipeline:
 
     # --- workers --------------------------------------------------------------------------
     def register_engines(self) -> None:
-        c = self.cfg
-        total = c.prefill_workers + c.decode_workers
         from .cluster import worker_threads
 
+        c = self.cfg
+        # embedded workers get cores / workers torch threads; on a cluster someone else started,
+        # torch keeps what the worker's environment (OMP_NUM_THREADS, --nthreads) gave it
+        threads = c.threads_per_worker or (0 if c.existing_cluster
+                                           else worker_threads(c, c.prefill_workers + c.decode_workers))
         plugin = EngineHost(model=os.path.abspath(c.model), dtype=c.dtype, device=c.device, mode=c.mode,
                             max_batch_tokens=c.max_batch_tokens, kv_budget_bytes=c.kv_budget_bytes(),
                             max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
-                            threads=c.threads_per_worker or (worker_threads(c, total)
-                                                             if not (c.scheduler_address or c.scheduler_file) else 0))
+                            threads=threads)
         self.client.register_plugin(plugin)
 
     def refresh_workers(self) -> None:

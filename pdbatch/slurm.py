@@ -234,7 +234,7 @@ def submit_job(cfg: JobConfig, dry_run: bool = False, echo=None) -> str | None:
     if not cfg.input or not cfg.output:
         raise UserError("pdbatch submit needs an input and an output directory: set `input` and "
                         "`output` in the job file, or give --input and --output")
-    if cfg.scheduler_address or cfg.scheduler_file:
+    if cfg.existing_cluster:
         raise UserError("pdbatch submit starts its own Dask scheduler: drop --scheduler-address/--scheduler-file")
     script = render_script(cfg)
     if dry_run:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psutil
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from fixtures_models import hf_greedy
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = str(REPO / "data" / "sample.parquet")
@@ -67,3 +69,24 @@ def manifest_units(out: str | Path) -> list[str]:
     if not path.exists():
         return []
     return [json.loads(line)["unit"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def text_reference(lm, prompt: str, max_new_tokens: int) -> list[int]:
+    """HF greedy generate for a text prompt, stopping at EOS like a pdbatch run."""
+    return hf_greedy(lm, lm.tokenizer(prompt)["input_ids"], max_new_tokens, stop_at_eos=True)
+
+
+def assert_sample_matches_hf(out: str | Path, lm, max_new_tokens: int) -> list[dict]:
+    """A run of data/sample.parquet (ids from its `id` column): each id exactly once, no errors,
+    every row token-identical to HF generate, prefill and decode on different workers."""
+    rows = read_rows(out)
+    src = pq.read_table(SAMPLE).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in src)  # each id exactly once
+    by_id = {r["id"]: r for r in rows}
+    for s in src:
+        r = by_id[s["id"]]
+        assert r["error"] is None, r["error"]
+        assert r["output_token_ids"] == text_reference(lm, s["prompt"], max_new_tokens), s["id"]
+        assert r["prefill_worker"].startswith("prefill-") and r["decode_worker"].startswith("decode-")
+        assert r["prefill_worker"] != r["decode_worker"]
+    return rows

@@ -12,9 +12,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures_models import hf_greedy
-from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, manifest_units, read_report, read_rows,
-                              run_cli, wait_session_empty)
+from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
+                              read_report, read_rows, run_cli, text_reference, wait_session_empty)
 
 from pdbatch.model import load_model
 
@@ -35,27 +34,19 @@ def sample_run(tmp_path_factory):
 
 
 def reference(tiny, prompt: str, n: int = NEW) -> list[int]:
-    ids = tiny.tokenizer(prompt)["input_ids"]
-    return hf_greedy(tiny, ids, n, stop_at_eos=True)
+    return text_reference(tiny, prompt, n)
 
 
 def test_sample_job_matches_hf_generate(sample_run, tiny):
     out, res = sample_run
-    rows = read_rows(out)
-    src = pq.read_table(SAMPLE).to_pylist()
-    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in src)  # each id exactly once
-    by_id = {r["id"]: r for r in rows}
-    for s in src:
-        r = by_id[s["id"]]
-        assert r["error"] is None
-        assert r["output_token_ids"] == reference(tiny, s["prompt"]), s["id"]
+    rows = assert_sample_matches_hf(out, tiny, NEW)
+    for r in rows:
         assert r["num_generated_tokens"] == len(r["output_token_ids"])
         assert r["generated_text"] == tiny.tokenizer.decode(r["output_token_ids"], skip_special_tokens=True)
         assert r["finish_reason"] in ("stop", "length") and r["ttft_s"] > 0
-        assert r["prefill_worker"].startswith("prefill-") and r["decode_worker"].startswith("decode-")
     assert (out / "_SUCCESS").exists()
     report = read_report(out)
-    assert report["rows"] == report["rows_expected"] == len(src)
+    assert report["rows"] == report["rows_expected"] == len(rows)
     assert report["output_tokens"] == sum(r["num_generated_tokens"] for r in rows)
     assert report["mode"] == "disaggregated" and report["workers"] == {"prefill": 1, "decode": 1}
     for key in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "output_tokens_per_s"):

@@ -14,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, read_report, read_rows
+from pipeline_helpers import DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, read_report, read_rows
 
 from pdbatch.config import build_config
 from pdbatch.errors import UserError
@@ -91,10 +89,6 @@ def tiny():
     return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
 
 
-def reference(tiny, prompt: str) -> list[int]:
-    return hf_greedy(tiny, tiny.tokenizer(prompt)["input_ids"], NEW, stop_at_eos=True)
-
-
 def test_cpu_job_matches_hf_generate(jobs, slurm_cluster, tiny):
     job_id, out, sub = jobs["good"]
     assert job_id.isdigit(), sub.stdout
@@ -103,19 +97,10 @@ def test_cpu_job_matches_hf_generate(jobs, slurm_cluster, tiny):
     print(f"submit to end: {time.monotonic() - jobs['started']:.0f}s")
     assert (result.state, result.exit_code) == ("COMPLETED", 0), log[-3000:]
 
-    rows = read_rows(out)
-    src = pq.read_table(SAMPLE).to_pylist()
-    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in src)  # each id exactly once
-    by_id = {r["id"]: r for r in rows}
-    for s in src:
-        r = by_id[s["id"]]
-        assert r["error"] is None, r["error"]
-        assert r["output_token_ids"] == reference(tiny, s["prompt"]), s["id"]
-        assert r["prefill_worker"].startswith("prefill-") and r["decode_worker"].startswith("decode-")
-        assert r["prefill_worker"] != r["decode_worker"]
+    rows = assert_sample_matches_hf(out, tiny, NEW)
     assert (out / "_SUCCESS").exists()
     report = read_report(out)
-    assert report["rows"] == len(src) and report["workers"] == {"prefill": 1, "decode": 1}
+    assert report["rows"] == len(rows) and report["workers"] == {"prefill": 1, "decode": 1}
 
     # the log tells the story in order: cluster up, dashboard hint, driver, clean stop
     marks = ["cluster up: 2 workers (1 decode, 1 prefill)", "ssh -N -L", "starting the driver",

@@ -38,11 +38,16 @@ def gpu_worker_options(index: int, gpus: int, rmm_pool_size: str | None) -> dict
     return opts
 
 
-def register_cuda_serialization(packet_cls) -> None:
+def register_cuda_serialization(packet_cls, unit_cls, unit_serializer) -> None:
     """KV packets whose tensor is on a GPU travel as one device buffer through the "cuda"
     family (used by the UCX comm): no host staging. A CPU packet declines (NotImplementedError)
-    so Dask falls back to the "dask" family's raw host frame."""
+    so Dask falls back to the "dask" family's raw host frame. A unit's list of packets goes
+    through the same family item by item."""
     from distributed.protocol.cuda import cuda_deserialize, cuda_serialize
+
+    unit_ser, unit_de = unit_serializer
+    cuda_serialize.register(unit_cls)(unit_ser)
+    cuda_deserialize.register(unit_cls)(unit_de)
 
     @cuda_serialize.register(packet_cls)
     def _ser(p):

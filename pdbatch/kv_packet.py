@@ -98,6 +98,27 @@ def _unpickle(header: dict, frame) -> KVPacket:
     return KVPacket.from_parts(header, memoryview(frame))
 
 
+class UnitPackets(list):
+    """A prefill unit's result: its KV packets (and rows already finished or failed), in row
+    order. A plain list would do, but Dask sizes a list of more than 10 items from a random
+    sample of 10, and packets differ in length; this one is sized exactly, so the scheduler,
+    the memory manager and the transfer log see the bytes that really move."""
+
+
+def _items_serializer(families: tuple[str, ...]):
+    """Serialize a UnitPackets item by item (each packet as its own raw or device frame)."""
+    from distributed.protocol.serialize import deserialize, serialize
+
+    def ser(x: UnitPackets):
+        header, frames = serialize(list(x), serializers=families, iterate_collection=True)
+        return {"items": header}, frames
+
+    def de(header: dict, frames) -> UnitPackets:
+        return UnitPackets(deserialize(header["items"], frames))
+
+    return ser, de
+
+
 def register_dask() -> None:
     """Teach Dask to ship KV packets and to count torch tensors at their real size."""
     from dask.sizeof import sizeof
@@ -115,9 +136,17 @@ def register_dask() -> None:
     def _sizeof_packet(p: KVPacket) -> int:
         return p.nbytes + 64 * len(p.prompt_ids) + 512
 
+    @sizeof.register(UnitPackets)
+    def _sizeof_unit(u: UnitPackets) -> int:
+        return 64 + sum(sizeof(x) for x in u)
+
+    ser, de = _items_serializer(("dask", "pickle"))
+    dask_serialize.register(UnitPackets)(ser)
+    dask_deserialize.register(UnitPackets)(de)
+
     from .gpu import register_cuda_serialization
 
-    register_cuda_serialization(KVPacket)
+    register_cuda_serialization(KVPacket, UnitPackets, _items_serializer(("cuda", "dask", "pickle")))
 
     @sizeof.register(torch.Tensor)
     def _sizeof_tensor(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from distributed import get_worker, rejoin, secede
 
 from .dataset import ROW_ID
-from .kv_packet import KVPacket
+from .kv_packet import KVPacket, UnitPackets
 from .output import outputs_to_table, unit_summary, write_shard
 from .prompts import RowError, encode_prompt
 from .sampling import SamplingParams, row_seed
@@ -76,7 +76,7 @@ def _row_params(defaults: SamplingParams, row: dict, rid: str) -> SamplingParams
     return p
 
 
-def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> list:
+def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> UnitPackets:
     """KV packets (and rows already finished or failed), in row order."""
     h = host()
     engine = h.prefill
@@ -84,7 +84,7 @@ def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> lis
                                  vocab_size(engine.lm))
     results = engine.run([r for r in reqs if r is not None])
     it = iter(results)
-    return [f if f is not None else next(it) for f in fails]
+    return UnitPackets(f if f is not None else next(it) for f in fails)
 
 
 def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import deque
 
 
@@ -17,33 +18,42 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-class Reservoir(list):
+class Reservoir:
     """At most `cap` samples: all of them up to the cap, then a uniform random sample
     (Vitter's algorithm R, fixed seed), so the driver's memory does not grow with the rows while
-    percentiles stay exact for jobs up to `cap` rows and close beyond. `since(n)` gives what
-    arrived after the first n samples (the newest `recent` of them), for incremental readers."""
+    percentiles stay exact for jobs up to `cap` rows and close beyond (at 50,000 samples the
+    p99's own sampling error is under 0.1 percentile points). Samples live in a C double array,
+    8 bytes each rather than a list's 32. `since(n)` gives what arrived after the first n samples
+    (the newest `recent` of them), for incremental readers."""
 
-    def __init__(self, cap: int = 200_000, recent: int = 20_000, seed: int = 0):
-        super().__init__()
+    def __init__(self, cap: int = 50_000, recent: int = 20_000, seed: int = 0):
+        self.samples = array("d")
         self.cap, self.seen = cap, 0
         self.recent: deque = deque(maxlen=recent)
         self._rng = random.Random(seed)
 
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
     def __iadd__(self, values):
         for v in values:
+            v = float(v)
             self.seen += 1
             self.recent.append(v)
-            if len(self) < self.cap:
-                self.append(v)
+            if len(self.samples) < self.cap:
+                self.samples.append(v)
             else:
                 j = self._rng.randrange(self.seen)
                 if j < self.cap:
-                    self[j] = v
+                    self.samples[j] = v
         return self
 
     def since(self, n: int) -> list:
         if self.seen <= self.cap:
-            return self[n:]
+            return self.samples[n:].tolist()
         k = min(self.seen - n, len(self.recent))
         return list(self.recent)[len(self.recent) - k:] if k > 0 else []
 
@@ -54,9 +64,9 @@ class RunTotals:
     def __init__(self):
         self.units = 0
         self.rows = self.errors = self.prompt_tokens = self.output_tokens = self.kv_bytes = 0
-        self.ttft: list[float] = Reservoir()
-        self.tpot: list[float] = Reservoir()
-        self.kv_transfer_s: list[float] = []
+        self.ttft = Reservoir()
+        self.tpot = Reservoir()
+        self.kv_transfer_s = Reservoir(recent=1)  # one sample per unit
         self.rows_by_decode_worker: dict[str, int] = {}
         self.rows_by_prefill_worker: dict[str, int] = {}
 
@@ -70,7 +80,7 @@ class RunTotals:
         self.ttft += s["ttft_s"]
         self.tpot += s["tpot_s"]
         if s.get("kv_transfer_s"):
-            self.kv_transfer_s.append(s["kv_transfer_s"])
+            self.kv_transfer_s += [s["kv_transfer_s"]]
         for key, target in (("rows_by_decode_worker", self.rows_by_decode_worker),
                             ("rows_by_prefill_worker", self.rows_by_prefill_worker)):
             for w, n in s.get(key, {}).items():

@@ -39,7 +39,7 @@ def job_options(f):
         click.option("--dtype", type=str, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
         click.option("--device", type=str, help="auto, cpu, cuda."),
         click.option("--max-model-len", type=int, help="Cap the context window (default: the model's)."),
-        click.option("--max-batch-tokens", type=int, help="Padded tokens per prefill batch (default 8192)."),
+        click.option("--max-batch-tokens", type=int, help="Padded tokens per prefill batch (default: 1024 on CPU, 8192 on GPU)."),
         click.option("--max-num-seqs", type=int, help="Most sequences one decode worker runs at once (default 128)."),
         click.option("--kv-budget", type=str, help="KV cache memory per decode worker, e.g. 512MiB, 8GiB (default 2GiB)."),
         click.option("--rmm-pool-size", type=str, help="GPU only: an RMM pool per worker (e.g. 60GiB) that torch and UCX allocate from (needs dask-cuda)."),

@@ -114,7 +114,7 @@ class JobConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int = 0  # 0: the model's own
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None  # None: 1024 on CPU, 8192 on GPU (prefill.default_max_batch_tokens)
     max_num_seqs: int = 128
     kv_budget: str = "2GiB"
     rmm_pool_size: str | None = None  # GPU: per-worker RMM pool that torch allocates from
@@ -167,7 +167,7 @@ class JobConfig:
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         for name in ("prefill_workers", "decode_workers", "unit_rows", "max_batch_tokens", "max_num_seqs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.mode == "disaggregated" and not self.existing_cluster \
                 and (self.prefill_workers < 1 or self.decode_workers < 1):

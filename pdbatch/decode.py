@@ -204,11 +204,10 @@ class DecodeEngine:
         t0 = time.perf_counter()
         n = len(self.active)
         ids = torch.tensor([[s.gen_ids[-1]] for s in self.active], dtype=torch.long, device=self.lm.device)
-        pos, mask = self.cache.begin_step()
         kw = {self._cache_kw: self.cache}
-        logits = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                               **kw).logits[:, -1]
-        self.cache.end_step()
+        with self.cache.step() as (pos, mask):
+            logits = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                   **kw).logits[:, -1]
         nxt = sample_next(logits, [s.params for s in self.active], [len(s.gen_ids) for s in self.active])
         now = time.time()
         done = []
@@ -249,7 +248,7 @@ class DecodeEngine:
 
 
 def generate(lm: LoadedModel, requests: list[Request], *, colocated: bool = True,
-             max_batch_tokens: int = 8192, kv_budget_bytes: int = 1 << 30,
+             max_batch_tokens: int | None = None, kv_budget_bytes: int = 1 << 30,
              max_num_seqs: int = 128) -> list[SequenceOutput]:
     """In-process convenience: prefill + decode for a list of requests, outputs in order."""
     prefill = PrefillEngine(lm, max_batch_tokens)

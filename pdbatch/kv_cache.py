@@ -15,8 +15,12 @@ engine, so left/right padding never enters the picture.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers.cache_utils import Cache
+
+from .attention import decode_step
 
 
 class SlotKVCache(Cache):
@@ -109,16 +113,17 @@ class SlotKVCache(Cache):
         self.lengths.pop()
 
     # --- one decode step -------------------------------------------------------------------
-    def begin_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids [n, 1] and a boolean attention mask [n, 1, 1, L] for one new token each."""
+    @contextmanager
+    def step(self):
+        """One new token per active sequence: yields position ids [n, 1] and a boolean
+        attention mask [n, 1, 1, L], and tells decode attention each row's real length."""
         pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         self._kv_len = max(self.lengths) + 1
         self._rows = torch.arange(self.n, device=self.device)
         self._pos = pos
-        mask = torch.arange(self._kv_len, device=self.device)[None, :] <= pos[:, None]
-        return pos[:, None], mask[:, None, None, :]
-
-    def end_step(self) -> None:
+        mask = (torch.arange(self._kv_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        with decode_step([x + 1 for x in self.lengths], mask):
+            yield pos[:, None], mask
         self.lengths = [x + 1 for x in self.lengths]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

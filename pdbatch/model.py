@@ -90,7 +90,9 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
-               max_model_len: int | None = None) -> LoadedModel:
+               max_model_len: int | None = None, tuned: bool = True) -> LoadedModel:
+    """`tuned=False` gives the model exactly as transformers loads it (for the Hugging Face
+    baselines and references that pdbatch is compared with)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -113,6 +115,8 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
         raise UserError(f"cannot load model weights from {path}: {_first_line(e)}") from e
     model.to(dev).eval()
     model.requires_grad_(False)
+    if tuned and dev.type == "cpu":
+        tune_for_cpu(model)
 
     ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     if max_model_len:
@@ -120,6 +124,29 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(p),
                        path=str(p), device=dev, dtype=torch_dtype, max_model_len=int(ctx),
                        eos_token_ids=_eos_ids(model, tokenizer))
+
+
+def tune_for_cpu(model) -> None:
+    """Two CPU-only changes that leave every weight value and every result's math as it was:
+
+    - each Linear weight is stored transposed ([in, out] contiguous, seen through a transposed
+      view): `F.linear` then runs one plain GEMM instead of one against a transposed operand,
+      which single-threaded oneDNN/MKL do 1.2-1.4x faster at decode-sized batches (measured on
+      the 30M bench model: decode step at batch 32 52 -> 45 ms). A tied output projection gets
+      its own copy, so the input embedding keeps its row-major rows.
+    - decode attention reads each sequence's own length rather than the batch's longest
+      (`pdbatch.attention`); prefill keeps transformers' SDPA.
+
+    On a GPU neither pays (cuBLAS takes either layout, and one attention launch per layer is
+    cheapest there), so GPU models are left as loaded."""
+    from . import attention
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+            transposed = module.weight.detach().t().contiguous()
+            module.weight = torch.nn.Parameter(transposed.t(), requires_grad=False)
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(attention.register())
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

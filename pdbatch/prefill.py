@@ -53,10 +53,18 @@ def length_buckets(lengths: list[int], max_batch_tokens: int, max_batch_size: in
     return batches
 
 
+def default_max_batch_tokens(device: torch.device) -> int:
+    """Prompt tokens per prefill forward pass when none is given. A GPU needs big passes to keep
+    its cores busy; a CPU is fastest with passes whose activations stay in cache (measured, 30M
+    bench model, one thread: ~1900 prompt tokens/s with 512-1024-token passes, 1650-1450 with
+    2048-4096, 1250 with 8192)."""
+    return 1024 if device.type == "cpu" else 8192
+
+
 class PrefillEngine:
-    def __init__(self, lm: LoadedModel, max_batch_tokens: int = 8192, worker_name: str | None = None):
+    def __init__(self, lm: LoadedModel, max_batch_tokens: int | None = None, worker_name: str | None = None):
         self.lm = lm
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(lm.device)
         self.worker_name = worker_name
         self.stops = StopChecker(lm.tokenizer, lm.eos_token_ids)
         params = inspect.signature(lm.model.forward).parameters

@@ -3,6 +3,7 @@ reference every greedy output is compared against."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -45,10 +46,17 @@ def random_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 1, max_len:
 
 
 @torch.inference_mode()
+@functools.cache
+def _plain_model(path: str, dtype: torch.dtype):
+    """The model exactly as transformers loads it: pdbatch's CPU tuning (weight layout, decode
+    attention) must not leak into the reference it is checked against."""
+    return load_model(path, dtype=str(dtype).removeprefix("torch."), device="cpu", tuned=False).model
+
+
 def hf_greedy(lm, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
     """Hugging Face `generate`, one prompt at a time, greedy: the independent reference."""
     ids = torch.tensor([prompt_ids])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+    out = _plain_model(lm.path, lm.dtype).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                             max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id,
                             eos_token_id=lm.eos_token_ids if stop_at_eos else None)
     gen = out[0, len(prompt_ids):].tolist()

@@ -135,6 +135,29 @@ def test_packet_serializes_as_one_raw_frame(llama):
     assert pickle.loads(pickle.dumps(packet)).kv.equal(packet.kv)
 
 
+def test_a_units_packets_are_sized_exactly_and_travel_as_own_frames(llama):
+    """Dask sizes a plain list of more than 10 items from a sample; a unit's result must be
+    counted at its real size (memory accounting, transfer log) and still ship each packet raw."""
+    from dask.sizeof import sizeof
+    from distributed.protocol.serialize import merge_and_deserialize, serialize_and_split
+
+    from pdbatch.kv_packet import UnitPackets
+
+    packets = [p for p in PrefillEngine(llama).run(greedy_requests(llama, n=30)) if isinstance(p, KVPacket)]
+    assert len(packets) > 20
+    unit = UnitPackets(packets)
+    assert sizeof(unit) == 64 + sum(sizeof(p) for p in packets)
+    assert sizeof(unit) >= sum(p.nbytes for p in packets)
+    header, frames = serialize_and_split(unit, serializers=("dask", "pickle"))
+    assert header["serializer"] == "dask"
+    sizes = sorted(memoryview(f).nbytes for f in frames)
+    assert all(p.nbytes in sizes for p in packets)  # one raw frame per packet, not one pickle
+    again = merge_and_deserialize(header, frames)
+    assert isinstance(again, UnitPackets)
+    assert [p.seq_id for p in again] == [p.seq_id for p in packets]
+    assert all(a.kv.equal(p.kv) for a, p in zip(again, packets))
+
+
 def test_packet_from_a_different_model_is_refused(llama, llama_other_dir):
     other = load_model(llama_other_dir, dtype="float32", device="cpu")
     reqs = greedy_requests(other, n=3)

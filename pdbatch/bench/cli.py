@@ -26,8 +26,9 @@ def workload_options(f):
         click.option("--model", default="tiny", show_default=True,
                      help="tiny (bundled ~1M model), bench-30m (built once into ~/.cache/pdbatch/bench) or a "
                           "Hugging Face model directory."),
-        click.option("--max-batch-tokens", type=int, default=4096, show_default=True,
-                     help="Prompt tokens per prefill forward pass (every system)."),
+        click.option("--max-batch-tokens", type=int,
+                     help="Prompt tokens per prefill forward pass (every system; default: pdbatch's, "
+                          "1024 on CPU, 8192 on GPU)."),
         click.option("--max-num-seqs", type=int, default=64, show_default=True,
                      help="Most sequences decoded at once per engine (every system)."),
         click.option("--kv-budget", default="1GiB", show_default=True, help="KV cache memory per decode engine."),

@@ -32,7 +32,7 @@ class BenchOptions:
     threads_per_worker: int = 0  # 0: cores / workers
     baseline_threads: int = 0  # 0: workers x threads_per_worker, every core pdbatch uses
     unit_rows: int = 0  # 0: rows / (4 x workers), so the pipeline has units to overlap
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int | None = None  # None: pdbatch's default for the device
     max_num_seqs: int = 64
     kv_budget: str = "1GiB"
     hf_batch_size: int = 16
@@ -80,11 +80,13 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
     import torch
 
     from pdbatch.model import load_model
+    from pdbatch.prefill import default_max_batch_tokens
 
     label, path = resolve_model(o.model)
     threads = o.threads()
     baseline_threads = o.baseline_threads or threads * o.workers  # every core the pdbatch workers share
-    lm = load_model(path, dtype=o.dtype, device=o.device)
+    lm = load_model(path, dtype=o.dtype, device=o.device, tuned=False)  # for the HF baselines
+    o.max_batch_tokens = o.max_batch_tokens or default_max_batch_tokens(lm.device)  # every system's
     o.spec.check_fits(lm.max_model_len)
     work = make_workload(o.spec, token_pool(lm.tokenizer, lm.model.get_input_embeddings().num_embeddings))
     os.makedirs(o.out, exist_ok=True)

@@ -6,8 +6,10 @@ transformers' own continuous batching, in one process, plus a roofline check of 
 
 Workload: prompts of 32-512 random token ids (ids >= 3, so no special tokens), output lengths
 16-256 with EOS ignored, so every row generates exactly its own length; the random-weight
-~30M-parameter Llama of `pdbatch.toymodels` (BENCH_LLAMA_30M) in fp32. All systems share one
-model object and the same prompts. Throughput = useful output tokens / wall time, prefill
+~30M-parameter Llama of `pdbatch.toymodels` (BENCH_LLAMA_30M) in fp32. All systems get the same
+weights and prompts: pdbatch's engines the model as pdbatch loads it (CPU-tuned weight layout
+and decode attention, `pdbatch.model.tune_for_cpu`), the Hugging Face systems the model exactly
+as transformers loads it. Throughput = useful output tokens / wall time, prefill
 included. Greedy outputs are compared row by row with hf_generate's, and a few rows with
 one-prompt-at-a-time `generate()` (batching with padding can flip near-ties in rare rows).
 
@@ -54,11 +56,13 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from pdbatch.decode import DecodeEngine, generate, kv_shape
 from pdbatch.kv_packet import KVPacket
 from pdbatch.model import LoadedModel, load_model
+from pdbatch.prefill import default_max_batch_tokens
 from pdbatch.sampling import SamplingParams
 from pdbatch.sequence import Request
 from pdbatch.toymodels import BENCH_LLAMA_30M, build_llama
 
 SYSTEMS = ("pdbatch", "pdbatch_sequential", "hf_generate", "generate_batch")
+HF_SYSTEMS = ("hf_generate", "generate_batch")  # run on the model as transformers loads it
 PROMPT_LEN = (32, 512)
 OUTPUT_LEN = (16, 256)
 FIRST_ID = 3  # ids 0-2 are pad/bos/eos in the toy tokenizer
@@ -324,7 +328,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="bench-engine.json", help="JSON file for the figures")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
-    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="prefill tokens per forward pass")
+    ap.add_argument("--max-batch-tokens", type=int,
+                    help="prefill tokens per forward pass, pdbatch and generate_batch (default: pdbatch's "
+                         "CPU default, 1024)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch size limit")
     # 2 GiB, not generate()'s 1 GiB: the slot pool doubles its length axis up to the model's
     # 2048-token context, so 1 GiB admits only 32 rows and --max-num-seqs 64 would never be reached
@@ -356,7 +362,10 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()  # "eos_token_id not set" and similar notices are expected here
 
     path = model_dir(args.model_dir)
-    lm = load_model(str(path), dtype="float32", device="cpu")
+    lm = load_model(str(path), dtype="float32", device="cpu")  # pdbatch's engines, CPU-tuned
+    plain = load_model(str(path), dtype="float32", device="cpu", tuned=False)  # as transformers loads it
+    model_for = {name: plain if name in HF_SYSTEMS else lm for name in SYSTEMS}
+    args.max_batch_tokens = args.max_batch_tokens or default_max_batch_tokens(lm.device)
     work = make_workload(args.prompts, args.seed, lm.model.config.vocab_size)
     print(f"{command}\nmodel {path} ({gemm_params(lm.model) / 1e6:.1f}M GEMM params), {args.prompts} prompts "
           f"({sum(map(len, work.prompts))} prompt / {work.output_tokens} output tokens), "
@@ -365,12 +374,12 @@ def main(argv=None) -> int:
     # Untimed warm-up of every system on a tiny workload (first-call allocations, kernel choice).
     tiny = Workload([p[:40] for p in work.prompts[:2]], [3, 2])
     for name in args.systems:
-        RUNNERS[name](lm, tiny, args)
+        RUNNERS[name](model_for[name], tiny, args)
 
     results, outputs = {}, {}
     for name in args.systems:
         load_before = os.getloadavg()[0]
-        outs, wall, cpu = timed(RUNNERS[name], lm, work, args)
+        outs, wall, cpu = timed(RUNNERS[name], model_for[name], work, args)
         outputs[name] = outs
         results[name] = {"wall_s": wall, "cpu_s": cpu, "output_tokens": work.output_tokens,
                          "tokens_per_s": work.output_tokens / wall, "tokens_per_cpu_s": work.output_tokens / cpu,
@@ -380,7 +389,7 @@ def main(argv=None) -> int:
 
     # Correctness: every row against hf_generate, a few rows against one-at-a-time generate().
     rows = list(range(0, args.prompts, max(1, args.prompts // max(1, args.check_rows))))[:args.check_rows]
-    single = {i: hf_generate_batch(lm, [work.prompts[i]], work.out_lens[i])[0].tolist()
+    single = {i: hf_generate_batch(plain, [work.prompts[i]], work.out_lens[i])[0].tolist()
               for i in (rows if outputs else [])}
     hf = dict(enumerate(outputs["hf_generate"])) if "hf_generate" in outputs else None
     for name, outs in outputs.items():

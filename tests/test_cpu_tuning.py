@@ -1,0 +1,85 @@
+"""pdbatch.model.tune_for_cpu: the transposed weight layout and the decode attention that
+reads each row's own length must leave results as they were (tests/test_engine.py checks whole
+generations against Hugging Face; these check the pieces)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from fixtures_models import random_prompts
+
+from pdbatch import attention
+from pdbatch.decode import kv_shape
+from pdbatch.kv_cache import SlotKVCache
+from pdbatch.model import load_model
+
+
+@pytest.fixture(scope="module")
+def plain(llama_dir):
+    return load_model(llama_dir, dtype="float32", device="cpu", tuned=False)
+
+
+def test_plan_runs_covers_every_slot_once_and_splits_only_when_cheaper():
+    assert attention.plan_runs([]) == []
+    assert attention.plan_runs([40] * 32) == [(0, 32, 40, False)]  # equal rows: one call
+    assert attention.plan_runs([40, 41, 40], call_cost=96) == [(0, 3, 41, True)]  # padding < a call
+    assert attention.plan_runs([600, 20, 610], call_cost=96) == [(0, 1, 600, False), (1, 2, 20, False),
+                                                                  (2, 3, 610, False)]
+    rng = random.Random(0)
+    for _ in range(200):
+        lens = [rng.randint(1, 800) for _ in range(rng.randint(1, 64))]
+        runs = attention.plan_runs(lens)
+        assert [i for a, b, _, _ in runs for i in range(a, b)] == list(range(len(lens)))
+        for a, b, length, ragged in runs:
+            assert length == max(lens[a:b]) and ragged == (min(lens[a:b]) != length)
+        # never more positions read than one padded call, never fewer than the real ones
+        read = sum((b - a) * length for a, b, length, _ in runs)
+        assert sum(lens) <= read <= len(lens) * max(lens)
+
+
+def test_tuned_weights_hold_the_same_values(llama, plain):
+    tuned = dict(llama.model.named_parameters(remove_duplicate=False))
+    for name, p in plain.model.named_parameters(remove_duplicate=False):
+        assert tuned[name].equal(p), name
+    linear = llama.model.lm_head.weight
+    assert linear.t().is_contiguous()  # [in, out] in memory: one plain GEMM in F.linear
+    assert llama.model.model.embed_tokens.weight.is_contiguous()  # embedding rows stay rows
+    assert llama.model.config._attn_implementation == attention.NAME
+    assert plain.model.config._attn_implementation == "sdpa"
+
+
+def test_decode_step_over_ragged_rows_matches_padded_sdpa(llama, plain, monkeypatch):
+    """One decode step over rows of very different lengths: the per-run attention gives the
+    logits of transformers' SDPA over the whole padded batch, and reads less than it."""
+    layers, kv_heads, head_dim = kv_shape(llama)
+    lens = [5, 300, 7, 290, 120, 6, 301, 64]
+    prompts = random_prompts(len(lens), llama.tokenizer.vocab_size, seed=3, max_len=400)
+    caches = []
+    for _ in range(2):
+        cache = SlotKVCache(layers, kv_heads, head_dim, torch.float32, torch.device("cpu"), 1 << 30)
+        gen = torch.Generator().manual_seed(0)
+        for n in lens:
+            cache.add(torch.randn(layers, 2, kv_heads, n, head_dim, generator=gen), n + 4)
+        caches.append(cache)
+    ids = torch.tensor([[p[0]] for p in prompts])
+
+    read = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        read.append(k.shape[0] * k.shape[2])
+        return sdpa(q, k, v, **kw)
+
+    logits = []
+    for lm, cache in ((llama, caches[0]), (plain, caches[1])):
+        with monkeypatch.context() as m, torch.inference_mode(), cache.step() as (pos, mask):
+            if lm is llama:  # count what the tuned model's attention reads
+                m.setattr(attention.F, "scaled_dot_product_attention", spy)
+            logits.append(lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                   cache=cache).logits[:, -1])
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)  # summation order only
+    padded = len(lens) * (max(lens) + 1)
+    assert read and sum(read) // layers < padded  # the tuned model used the per-run path
+    assert caches[0].lengths == [n + 1 for n in lens]

@@ -23,7 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -31,6 +31,7 @@ import click
 from .config import JobConfig, build_config
 from .errors import UserError
 from .output import META_DIR
+from .security import CERT_FILES, write_job_certificates
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "pdbatch.sbatch"
 SCRIPT_NAME = "job.sbatch"
@@ -85,7 +86,17 @@ def plan_layout(cfg: JobConfig) -> Layout:
 def resolve_protocol(cfg: JobConfig) -> str:
     if cfg.protocol != "auto":
         return cfg.protocol
-    return "ucxx" if cfg.slurm.gpus_per_node else "tcp"
+    return "ucxx" if cfg.slurm.gpus_per_node and cfg.tls == "off" else "tcp"  # TLS runs over tcp
+
+
+def job_tls_files(cfg: JobConfig) -> tuple[str, str, str] | None:
+    """(CA, certificate, key) the job's scheduler, workers and driver use; None without TLS.
+    `tls = "auto"`: files made for this job in OUT/_pdbatch/tls/ when it is submitted."""
+    if cfg.tls == "off":
+        return None
+    if cfg.tls == "auto":
+        return tuple(os.path.join(os.path.abspath(cfg.output), META_DIR, "tls", n) for n in CERT_FILES)
+    return tuple(os.path.abspath(p) for p in (cfg.tls_ca_file, cfg.tls_cert, cfg.tls_key))
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -96,6 +107,15 @@ def render_script(cfg: JobConfig, workdir: str | None = None) -> str:
     protocol = resolve_protocol(cfg)
     out = os.path.abspath(cfg.output)
     python = s.python or sys.executable
+    tls = job_tls_files(cfg)
+    if tls and protocol == "ucxx":
+        raise UserError("TLS cannot protect UCX traffic (see docs/security.md); use --protocol tcp with TLS")
+    tls_options = []
+    if tls:
+        for flag, path in zip(("--tls-ca-file", "--tls-cert", "--tls-key"), tls):
+            tls_options += [flag, shlex.quote(path)]
+        # the driver gets the files, whatever `tls` said (auto means "made at submit time")
+        cfg = replace(cfg, tls="files", tls_ca_file=tls[0], tls_cert=tls[1], tls_key=tls[2])
 
     sbatch = []
     if s.gpus_per_node:
@@ -134,6 +154,8 @@ def render_script(cfg: JobConfig, workdir: str | None = None) -> str:
         "python": shlex.quote(python),
         "output": shlex.quote(out),
         "protocol": protocol,
+        "comm": "tls" if tls else protocol,
+        "tls_options": " ".join(tls_options),
         "interface": shlex.quote(cfg.interface or ""),
         "gpus_per_node": str(s.gpus_per_node),
         "cpus_per_worker": str(s.cpus_per_worker),
@@ -247,6 +269,8 @@ def submit_job(cfg: JobConfig, dry_run: bool = False, echo=None) -> str | None:
         if not any(os.path.exists(p) for p in _glob(path)):
             echo(f"pdbatch: warning: {what} {path} not found here; the job fails unless the nodes see it")
     prepare_output(cfg)
+    if cfg.tls == "auto":
+        write_job_certificates(os.path.dirname(job_tls_files(cfg)[0]))
     path = script_path(cfg)
     with open(path, "w") as f:
         f.write(script)

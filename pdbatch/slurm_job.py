@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def wait_for_cluster(scheduler_file: str, workers: int, timeout: float, protocol: str,
-                     steps: dict[str, int]) -> int:
+                     steps: dict[str, int], tls: tuple[str, str, str] | None = None) -> int:
     """Block until `workers` workers have registered; 1 with a log line naming what went wrong."""
     def say(msg):
         print(f"pdbatch-slurm: {time.strftime('%H:%M:%S')} {msg}", flush=True)
@@ -36,7 +36,7 @@ def wait_for_cluster(scheduler_file: str, workers: int, timeout: float, protocol
                 say(f"error: the {dead[0]} step ended before the cluster was up (its messages are above)")
                 return 1
             if client is None and _scheduler_ready(scheduler_file):
-                client = _connect(scheduler_file, protocol)
+                client = _connect(scheduler_file, protocol, tls=tls)
             if client is not None:
                 info = client.scheduler_info(n_workers=-1)
                 seen = len(info["workers"])
@@ -80,12 +80,15 @@ def _scheduler_ready(path: str) -> bool:
         return False  # not there yet, or being written
 
 
-def _connect(scheduler_file: str, protocol: str, timeout: float = 60):
+def _connect(scheduler_file: str, protocol: str, timeout: float = 60, tls: tuple[str, str, str] | None = None):
     from distributed import Client
+
+    from .security import file_security
 
     if protocol == "ucxx":
         import distributed_ucxx  # noqa: F401  (registers the ucxx comm)
-    return Client(scheduler_file=scheduler_file, timeout=timeout)
+    return Client(scheduler_file=scheduler_file, timeout=timeout,
+                  security=file_security(*tls) if tls else None)
 
 
 def _say_dashboard(scheduler_file: str, say) -> None:
@@ -99,12 +102,12 @@ def _say_dashboard(scheduler_file: str, say) -> None:
         f"and open http://localhost:{port}/status")
 
 
-def stop_cluster(scheduler_file: str, protocol: str) -> int:
+def stop_cluster(scheduler_file: str, protocol: str, tls: tuple[str, str, str] | None = None) -> int:
     """Close the scheduler and, through it, every worker (their steps then end by themselves)."""
     if not _scheduler_ready(scheduler_file):
         return 1
     try:
-        client = _connect(scheduler_file, protocol, timeout=10)
+        client = _connect(scheduler_file, protocol, timeout=10, tls=tls)
         client.shutdown()
     except Exception as e:  # the batch script falls back to signalling the steps
         print(f"pdbatch-slurm: could not close the cluster through Dask ({e})", flush=True)
@@ -124,12 +127,17 @@ def main(argv=None) -> int:
     st = sub.add_parser("stop", help="close the scheduler and its workers")
     st.add_argument("--scheduler-file", required=True)
     st.add_argument("--protocol", default="tcp")
+    for p in (w, st):  # the job's TLS files, when it runs with TLS
+        p.add_argument("--tls-ca-file")
+        p.add_argument("--tls-cert")
+        p.add_argument("--tls-key")
     args = parser.parse_args(argv)
+    tls = (args.tls_ca_file, args.tls_cert, args.tls_key) if args.tls_ca_file else None
     if args.command == "stop":
-        return stop_cluster(args.scheduler_file, args.protocol)
+        return stop_cluster(args.scheduler_file, args.protocol, tls)
     steps = dict(s.rsplit("=", 1) for s in args.steps)
     return wait_for_cluster(args.scheduler_file, args.workers, args.timeout, args.protocol,
-                            {name: int(pid) for name, pid in steps.items()})
+                            {name: int(pid) for name, pid in steps.items()}, tls)
 
 
 if __name__ == "__main__":

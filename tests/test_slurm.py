@@ -1,14 +1,16 @@
 """`pdbatch submit` on a real one-node Slurm (tests/slurm_fixture.py), and the rendered batch
 script of a GPU job run offline against stand-in `srun`/`scontrol`/Python commands.
 
-The two real jobs are submitted together at the start; the node's 2 CPUs fit one job at a time,
-so Slurm runs them back to back while the offline tests go on.
+The three real jobs (good, bad model, TLS) are submitted together at the start; the node's 2 CPUs
+fit one job at a time, so Slurm runs them back to back while the offline tests go on.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import stat
 import subprocess
 import sys
 import time
@@ -75,13 +77,16 @@ def wait_done(cluster, job_id: str, out: Path):
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-jobs")
-    good, bad = root / "good", root / "bad"
+    good, bad, tls = root / "good", root / "bad", root / "tls"
     started = time.monotonic()
     good_id, good_submit = submit(slurm_cluster, "jobs/cpu-smoke.toml", "-o", good,
                                   "--max-new-tokens", NEW, "--unit-rows", UNIT_ROWS)
     bad_id, bad_submit = submit(slurm_cluster, "jobs/cpu-smoke.toml", "-o", bad,
                                 "--model", root / "no-such-model")
-    return {"good": (good_id, good, good_submit), "bad": (bad_id, bad, bad_submit), "started": started}
+    tls_id, tls_submit = submit(slurm_cluster, "jobs/cpu-smoke.toml", "-o", tls, "--tls", "auto",
+                                "--max-new-tokens", NEW)
+    return {"good": (good_id, good, good_submit), "bad": (bad_id, bad, bad_submit),
+            "tls": (tls_id, tls, tls_submit), "started": started}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +148,43 @@ def test_bad_model_fails_with_a_log_line_naming_it(jobs, slurm_cluster):
     assert "Traceback" not in log.split("starting the driver")[1].split("driver exited")[0]
     assert not list(out.glob("part-*")) and not (out / "_SUCCESS").exists()
     assert_nothing_left(slurm_cluster, job_id)
+
+
+def test_tls_job_runs_every_connection_over_tls(jobs, slurm_cluster, tiny):
+    """`tls = "auto"` on Slurm: a per-job CA and certificate, owner-only, given to the scheduler,
+    the workers, the driver and the helper that waits for them; the scheduler listens on tls://."""
+    job_id, out, _ = jobs["tls"]
+    tls_dir = out / "_pdbatch" / "tls"
+    assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        assert stat.S_IMODE((tls_dir / name).stat().st_mode) == 0o600, name
+    result, log = wait_done(slurm_cluster, job_id, out)
+    assert (result.state, result.exit_code) == ("COMPLETED", 0), log[-3000:]
+    assert_sample_matches_hf(out, tiny, NEW)
+    assert re.search(r"cluster up: 2 workers \(1 decode, 1 prefill\), scheduler tls://", log), log[-3000:]
+    script = (out / "_pdbatch" / "job.sbatch").read_text()
+    assert f"TLS_OPTS=(--tls-ca-file {tls_dir}/ca.pem --tls-cert {tls_dir}/cert.pem --tls-key {tls_dir}/key.pem)" in script
+    assert f"--tls files --tls-ca-file {tls_dir}/ca.pem" in " ".join(script.replace("\\\n", " ").split())
+    assert_nothing_left(slurm_cluster, job_id)
+
+
+def test_tls_options_in_the_rendered_script(tmp_path):
+    def cfg(**kw):
+        return build_config({"input": SAMPLE, "output": str(tmp_path / "o"), **kw})
+
+    files = [tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem")]
+    for f in files:
+        f.write_text("PEM")
+    script = render_script(cfg(tls_ca_file=str(files[0]), tls_cert=str(files[1]), tls_key=str(files[2])))
+    assert "COMM=tls" in script and "PROTOCOL=tcp" in script
+    assert f"TLS_OPTS=(--tls-ca-file {files[0]} --tls-cert {files[1]} --tls-key {files[2]})" in script
+    # GPU nodes default to UCX, which TLS cannot protect: with TLS the job runs over tcp
+    gpu = render_script(cfg(tls="auto", slurm={"gpus_per_node": 2}))
+    assert "COMM=tls" in gpu and "PROTOCOL=tcp" in gpu and "UCXX" not in gpu
+    with pytest.raises(UserError, match="TLS cannot protect UCX traffic"):
+        render_script(cfg(tls="auto", protocol="ucxx", slurm={"gpus_per_node": 2}))
+    plain = render_script(cfg())
+    assert "COMM=tcp" in plain and "TLS_OPTS=()" in plain
 
 
 # --- the GPU script, run offline with stand-ins --------------------------------------------------

@@ -53,8 +53,18 @@ def worker_threads(cfg: JobConfig, workers: int) -> int:
     return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+# Dask keeps the last N messages of every batched stream for debugging, each one whole if under
+# 1 MB: the client's `update-graph` messages and the scheduler's `compute-task` messages carry
+# each unit's input rows, so with the default N = 1000 the driver (client and embedded scheduler)
+# grew by every unit's rows until 1000 units had passed (measured: +24 MiB over 200k short rows;
+# long prompts make it hundreds). N also bounds the scheduler's transition log and the workers'
+# transfer logs, which pdbatch reads only for the latest transfer (tasks._transfer_seconds).
+LOW_LEVEL_LOG_LENGTH = 16
+
+
 def quiet_dask_logs() -> None:
-    dask.config.set({"distributed.admin.log-format": "%(name)s - %(levelname)s - %(message)s"})
+    dask.config.set({"distributed.admin.log-format": "%(name)s - %(levelname)s - %(message)s",
+                     "distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH})
     for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
                  "distributed.core", "distributed.http.proxy", "bokeh", "bokeh.server.util"):
         logging.getLogger(name).setLevel(logging.ERROR if name.startswith("bokeh") else logging.WARNING)

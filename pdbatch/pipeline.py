@@ -31,7 +31,7 @@ from .output import OutputDir, outputs_to_table, unit_summary, write_shard
 from .quarantine import Quarantine, Suspect
 from .report import RunTotals, build_report
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
-from .worker import EngineHost, incoming_transfer_bytes, worker_memory, worker_status
+from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
 
 log = logging.getLogger("pdbatch")
 
@@ -82,6 +82,8 @@ class Pipeline:
         self.retries = 0
         self.on_progress = on_progress or (lambda pipeline: None)
         self.started = time.time()
+        # bytes workers had already served (an existing cluster ran earlier jobs): not this run's
+        self.sent_before = self._sent_bytes()
 
     # --- workers --------------------------------------------------------------------------
     def register_engines(self) -> None:
@@ -340,8 +342,7 @@ class Pipeline:
     def finish(self) -> dict:
         wall = time.time() - self.started
         self.refresh_workers()
-        moved = {a: v for a, v in self.client.run(incoming_transfer_bytes, on_error="return").items()
-                 if isinstance(v, int)}
+        moved = {a: v - self.sent_before.get(a, 0) for a, v in self._sent_bytes().items()}
         workers = {"prefill": len(self.role_workers("prefill")), "decode": len(self.role_workers("decode"))}
         if self.cfg.mode == "colocated":
             workers = {"colocated": len(self.role_workers("decode"))}
@@ -356,6 +357,10 @@ class Pipeline:
         if self.totals.rows == self.plan.total_rows:
             self.out.mark_success()
         return report
+
+    def _sent_bytes(self) -> dict[str, int]:
+        return {a: v for a, v in self.client.run(sent_transfer_bytes, on_error="return").items()
+                if isinstance(v, int)}
 
     def _worker_memory(self) -> dict:
         """Per live worker (by name): peak RSS, and the decode KV pool's peak against its budget."""

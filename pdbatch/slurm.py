@@ -28,6 +28,7 @@ from pathlib import Path
 
 import click
 
+from .cluster import LOW_LEVEL_LOG_LENGTH
 from .config import JobConfig, build_config
 from .errors import UserError
 from .output import META_DIR
@@ -166,6 +167,7 @@ def render_script(cfg: JobConfig, workdir: str | None = None) -> str:
         "worker_options": " ".join(worker_opts),
         "worker_steps": "\n".join(steps),
         "driver": driver_command(cfg),
+        "low_level_log_length": str(LOW_LEVEL_LOG_LENGTH),
     }
     return fill_template(TEMPLATE.read_text(), values)
 

@@ -96,10 +96,10 @@ def worker_status(dask_worker=None) -> dict:
     return plugin.status() if plugin is not None else {}
 
 
-def incoming_transfer_bytes(dask_worker=None) -> int:
-    """For `client.run`: bytes this worker fetched from other workers (Dask's transfer log)."""
-    w = dask_worker or get_worker()
-    return int(sum(entry.get("total", 0) for entry in w.transfer_incoming_log))
+def sent_transfer_bytes(dask_worker=None) -> int:
+    """For `client.run`: bytes other workers have fetched from this one since it started
+    (Dask's running total; its transfer logs keep only the latest entries)."""
+    return int((dask_worker or get_worker()).transfer_outgoing_bytes_total)
 
 
 def worker_memory(dask_worker=None) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,7 @@ def main() -> None:
     inp = work / "in.parquet"
     pq.write_table(pa.table({"prompt": [f"q{i} hi" for i in range(a.rows)]}), inp, row_group_size=25_000)
     out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # an old manifest would be read as this run's progress
     cmd = [sys.executable, "-m", "pdbatch.cli", "run", str(inp), "-o", str(out), "--overwrite",
            "--max-new-tokens", str(a.max_new_tokens), "--ignore-eos", "--unit-rows", str(a.unit_rows),
            "--progress", "none", *a.extra]

@@ -76,7 +76,7 @@ def test_dashboard_page_shows_a_live_job(tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     lines: list[str] = []
     with start_cluster(preload=True) as cluster:
-        cfg = job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address, max_new_tokens=24)
+        cfg = job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address, max_new_tokens=64)
         base = cluster.dashboard_link.rsplit("/", 1)[0]
         result: dict = {}
 

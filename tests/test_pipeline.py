@@ -167,7 +167,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     inp = tmp_path / "in.parquet"
     prompts = [f"Row {i}: write about the number {i}." for i in range(48)]
     pq.write_table(pa.table({"prompt": prompts}), inp)
-    args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
+    # long enough rows that Ctrl-C lands part-way through the 12 units, however fast the engine
+    args = ["run", inp, "--max-new-tokens", 80, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
     clean = tmp_path / "clean"
     assert run_cli(*args, "-o", clean).returncode == 0
     out = tmp_path / "resumed"

@@ -172,8 +172,11 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     clean = tmp_path / "clean"
     assert run_cli(*args, "-o", clean).returncode == 0
     out = tmp_path / "resumed"
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `&`)
+    # ignores it, the child would inherit that, and Python would never raise KeyboardInterrupt
     proc = subprocess.Popen([*PDBATCH, *map(str, args), "-o", str(out)], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(manifest_units(out)) < 3 and time.time() < deadline:
         time.sleep(0.1)

@@ -43,7 +43,7 @@ def plan_runs(kv_lens: list[int], call_cost: int = CALL_COST_POSITIONS) -> list[
         size = i - start
         if size and (size + 1) * max(longest, n) > size * longest + n + call_cost:
             runs.append((start, i, longest, shortest != longest))
-            start, longest, shortest = i, 0, 0
+            start = i
         if i == start:
             longest = shortest = n
         else:

@@ -122,9 +122,10 @@ class SlotKVCache(Cache):
         self._rows = torch.arange(self.n, device=self.device)
         self._pos = pos
         mask = (torch.arange(self._kv_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        with decode_step([x + 1 for x in self.lengths], mask):
+        kv_lens = [x + 1 for x in self.lengths]  # the new token included
+        with decode_step(kv_lens, mask):
             yield pos[:, None], mask
-        self.lengths = [x + 1 for x in self.lengths]
+        self.lengths = kv_lens
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n, L = self.n, self._kv_len

@@ -21,7 +21,7 @@ from .errors import IncompatibleKV
 from .kv_cache import SlotKVCache
 from .kv_packet import KVPacket
 from .model import LoadedModel
-from .prefill import PrefillEngine, validate_request
+from .prefill import PrefillEngine, length_buckets, validate_request
 from .sampling import SamplingParams, sample_next
 from .sequence import Request, SequenceOutput
 from .stopping import StopChecker
@@ -57,6 +57,11 @@ class DecodeStats:
         self.step_log.append((n, dt))
         if len(self.step_log) > 4096:
             del self.step_log[:2048]
+
+
+# Colocated mode: how many waiting prompts a prefill batch is chosen from (by length, around the
+# oldest). Bounded so that choosing costs O(window) per pass, however long the queue.
+PREFILL_WINDOW = 1024
 
 
 def kv_shape(lm: LoadedModel) -> tuple[int, int, int]:
@@ -146,19 +151,8 @@ class DecodeEngine:
     def _run_prefill_if_room(self) -> None:
         if self.prefill is None:
             return
-        batch, tokens = [], 0
         with self._cv:
-            # prefill as many waiting prompts as the KV budget could take right now
-            free_slots = self.cache.max_slots - self.cache.n - len(self._packets)
-            while self._prompts and len(batch) < free_slots:
-                req, fut = self._prompts[0]
-                if batch and tokens + len(req.prompt_ids) > self.prefill.max_batch_tokens:
-                    break
-                if self.active and not self.cache.fits(len(req.prompt_ids) + req.params.max_new_tokens):
-                    break
-                self._prompts.popleft()
-                batch.append((req, fut))
-                tokens += len(req.prompt_ids)
+            batch = self._take_prefill_batch()
         if not batch:
             return
         results = self.prefill.run([r for r, _ in batch])
@@ -169,6 +163,26 @@ class DecodeEngine:
                 else:
                     res.decode_worker = self.worker_name
                     fut.set_result(res)
+
+    def _take_prefill_batch(self) -> list[tuple[Request, Future]]:
+        """The oldest waiting prompt and its neighbours by length among the next PREFILL_WINDOW
+        waiting prompts, as many as the free slots and one pass's token budget (padding
+        included) allow. Taken in arrival order alone, a pass would mix 32- and 512-token
+        prompts and pay for the padding; the head of the queue is always in the batch, so no
+        prompt waits forever. Caller holds self._cv."""
+        free_slots = self.cache.max_slots - self.cache.n - len(self._packets)
+        if free_slots <= 0 or not self._prompts:
+            return []
+        head, _ = self._prompts[0]
+        if self.active and not self.cache.fits(len(head.prompt_ids) + head.params.max_new_tokens):
+            return []  # wait for running sequences to free KV memory
+        window = [self._prompts.popleft() for _ in range(min(PREFILL_WINDOW, len(self._prompts)))]
+        lengths = [len(req.prompt_ids) for req, _ in window]
+        bucket = next(b for b in length_buckets(lengths, self.prefill.max_batch_tokens, free_slots) if 0 in b)
+        taken = {i for i in bucket if i == 0 or not self.active or self.cache.fits(
+            lengths[i] + window[i][0].params.max_new_tokens)}
+        self._prompts.extendleft(reversed([w for i, w in enumerate(window) if i not in taken]))
+        return [w for i, w in enumerate(window) if i in taken]
 
     def _admit(self) -> None:
         with self._cv:

@@ -92,6 +92,30 @@ def test_length_buckets_respect_token_budget():
         assert len(b) == 1 or len(b) * longest <= 256
 
 
+def test_colocated_prefill_batches_group_waiting_prompts_by_length(llama):
+    """A colocated prefill pass takes the oldest waiting prompt and its neighbours by length,
+    not the next prompts in arrival order (which would mix 10- and 200-token prompts and pay
+    for the padding); every prompt still completes."""
+    engine = DecodeEngine(llama, prefill=PrefillEngine(llama, max_batch_tokens=400), max_num_seqs=64)
+    lens = [200, 10, 190, 12, 180, 11, 8, 195]
+    try:
+        with engine._cv:  # the loop waits on this lock: nothing is prefilled until it is released
+            params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+            futs = [engine.submit_request(Request(str(i), [5 + i] * n, params)) for i, n in enumerate(lens)]
+            first = engine._take_prefill_batch()
+            second = engine._take_prefill_batch()
+            left = list(engine._prompts)
+            engine._prompts.extendleft(reversed(first + second))
+        assert [r.id for r, _ in first] == ["0", "7"]  # the head (200) with 195: 2 x 200 <= 400
+        assert [r.id for r, _ in second] == ["1", "3", "5", "6"]  # the new head (10) with 8, 11, 12
+        assert [r.id for r, _ in left] == ["2", "4"]
+        outs = [f.result(timeout=60) for f in futs]
+    finally:
+        engine.close()
+    assert [o.error for o in outs] == [None] * len(lens)
+    assert [len(o.output_token_ids) for o in outs] == [3] * len(lens)
+
+
 def test_packet_made_in_another_process_decodes_the_same(llama, llama_dir, tmp_path):
     reqs = greedy_requests(llama, n=12, seed=3)
     for r in reqs:

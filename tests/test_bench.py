@@ -144,3 +144,39 @@ def test_bench_stops_when_outputs_differ(tmp_path, monkeypatch, capsys):
     assert e.value.code == 1
     assert "generate_batch vs hf_generate: rows 3 differ" in out and "tok/s" not in out
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_engine_benchmark_compares_outputs_and_times_decode_steps(tmp_path, llama_dir):
+    """The engine benchmark end to end on the tiny model: pdbatch's greedy outputs equal
+    Hugging Face generate's, and every (batch, context) decode step is timed against the GEMM
+    floor, with the KV read beside it growing with the context."""
+    from pdbatch.bench import engine
+
+    out = tmp_path / "engine.json"
+    assert engine.main(["--prompts", "4", "--model-dir", llama_dir, "--systems", "pdbatch,hf_generate",
+                        "--roofline-batches", "2,4", "--roofline-contexts", "8,64", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("pdbatch", "hf_generate"):
+        assert report["systems"][name]["mismatch_vs_hf"] == []
+        assert report["systems"][name]["mismatch_vs_single"] == []
+        assert report["systems"][name]["wrong_length_rows"] == 0
+    assert report["ratios"]["pdbatch_over_hf_generate"] > 0
+    roof = report["roofline"]
+    assert set(roof["batches"]) == {"2", "4"}
+    for b in roof["batches"].values():
+        assert b["gemm_chain_s"] > 0 and b["gemm_floor_s"] > 0
+        short, long = b["contexts"]["8"], b["contexts"]["64"]
+        assert short["steps"] == long["steps"] == 20
+        # the mean context over the 20 timed steps is C + 12
+        assert long["kv_read_floor_s"] == pytest.approx(short["kv_read_floor_s"] * (64 + 12) / (8 + 12))
+        for c in (short, long):
+            assert c["ratio"] == pytest.approx(c["step_s"] / b["gemm_floor_s"])
+    assert {f"decode_step_over_roofline_b{B}_ctx{C}" for B in (2, 4) for C in (8, 64)} <= set(report["ratios"])
+
+
+def test_engine_benchmark_rejects_bad_roofline_sizes():
+    from pdbatch.bench import engine
+
+    with pytest.raises(SystemExit) as e:
+        engine.parse_args(["--roofline-batches", "32,x"])
+    assert e.value.code == 2

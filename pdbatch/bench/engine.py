@@ -26,8 +26,12 @@ Systems:
 
 Roofline: R = single-thread fp32 GEMM rate of torch.matmul [B, hidden] x [hidden, intermediate]
 (1024^3 reported beside it), P = weights of the Linear layers (lm_head included, a tied
-embedding counted once), and DecodeEngine's step with exactly B rows of ~256-token context is
-compared with the GEMM time B x 2 x P / R.
+embedding counted once), and DecodeEngine's step with exactly B rows of C-token context is
+compared with the GEMM time B x 2 x P / R, for B in 32, 64, 128 and C in 32, 128, 256 (the
+workload's contexts run from 32 to ~770). Beside each step: the model's own GEMMs run back to
+back at that batch with nothing else (what the step's weight FLOPs cost here in practice), and
+the time to read the step's KV cache once at the measured memory bandwidth, which the compute
+roofline leaves out and which grows with C.
 
 Shared machines: other jobs stretch wall time, so every figure also comes as CPU time (of the
 process for the systems, of the working thread for the GEMM rates and decode steps). The
@@ -53,6 +57,7 @@ import torch
 import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from pdbatch.config import JobConfig
 from pdbatch.decode import DecodeEngine, generate, kv_shape
 from pdbatch.kv_packet import KVPacket
 from pdbatch.model import LoadedModel, load_model
@@ -228,7 +233,7 @@ def best_rate(fn, work: float, seconds: float = 0.3, rounds: int = 3) -> float:
 
 def gemm_gflops(m: int, k: int, n: int) -> float:
     a, b = torch.randn(m, k), torch.randn(k, n)
-    return best_rate(lambda: torch.matmul(a, b), 2 * m * k * n / 1e9)
+    return best_rate(lambda: torch.matmul(a, b), 2 * m * k * n / 1e9, rounds=5)
 
 
 def linear_gflops(m: int, k: int, n: int) -> float:
@@ -295,7 +300,28 @@ def decode_steps(lm: LoadedModel, batch: int, prompt_len: int = 256, steps: int 
             [dt for n, dt in cpu_log if n == batch][full])
 
 
-def roofline(lm: LoadedModel, batches=(32, 64), prompt_len: int = 256) -> dict:
+def gemm_chain_s(lm: LoadedModel, batch: int, reps: int = 15) -> float:
+    """CPU seconds of one decode step's GEMMs alone: every Linear of the model, in order, on a
+    [batch, in] input, with the weights as the engine holds them. Median of `reps`."""
+    weights = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=lm.dtype) for w in weights}
+
+    def chain():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            chain()
+        times = []
+        for _ in range(reps):
+            t0 = time.thread_time()
+            chain()
+            times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
+def roofline(lm: LoadedModel, batches=(32, 64, 128), contexts=(32, 128, 256)) -> dict:
     cfg = lm.model.config
     h, inter = cfg.hidden_size, cfg.intermediate_size
     layers, kv_heads, head_dim = kv_shape(lm)
@@ -303,23 +329,40 @@ def roofline(lm: LoadedModel, batches=(32, 64), prompt_len: int = 256) -> dict:
     out = {"gemm_params": P, "gflops_1024": gemm_gflops(1024, 1024, 1024), "read_gbps": read_gbps(),
            "batches": {}}
     for B in batches:
-        rate = gemm_gflops(B, h, inter)  # the decode step's MLP up/gate GEMM at this batch
-        wall, cpu = decode_steps(lm, B, prompt_len)
-        step = statistics.median(cpu)  # CPU time, like the GEMM rate; wall time reported beside it
-        floor = B * 2 * P / (rate * 1e9)
-        # Not in the ratio, but a floor of its own: attention reads every row's whole KV each step
-        # (prompt_len + 12: the mean context over the measured steps).
-        kv_bytes = B * (prompt_len + 12) * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
-        out["batches"][B] = {
-            "gemm_shape": [B, h, inter], "gflops": rate, "linear_gflops": linear_gflops(B, h, inter),
-            "step_s": step, "step_min_s": min(cpu), "step_wall_s": statistics.median(wall),
-            "steps": len(cpu), "gemm_floor_s": floor, "ratio": step / floor,
-            "ratio_vs_1024": step / (B * 2 * P / (out["gflops_1024"] * 1e9)),
-            "kv_read_floor_s": kv_bytes / (out["read_gbps"] * 1e9)}
+        # The decode step's MLP up/gate GEMM at this batch. Measured before and after the steps
+        # and the faster kept: a rate caught in a slow moment of a shared machine would lower the
+        # floor and flatter the ratio.
+        rate = gemm_gflops(B, h, inter)
+        b = out["batches"][B] = {
+            "gemm_shape": [B, h, inter], "linear_gflops": linear_gflops(B, h, inter),
+            "gemm_chain_s": gemm_chain_s(lm, B), "contexts": {}}
+        steps = {C: decode_steps(lm, B, C) for C in contexts}
+        rate = b["gflops"] = max(rate, gemm_gflops(B, h, inter))
+        floor = b["gemm_floor_s"] = B * 2 * P / (rate * 1e9)
+        for C in contexts:
+            wall, cpu = steps[C]
+            step = statistics.median(cpu)  # CPU time, like the GEMM rate; wall time reported beside it
+            # C + 12: the mean context over the measured steps
+            kv_bytes = B * (C + 12) * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
+            b["contexts"][C] = {
+                "step_s": step, "step_min_s": min(cpu), "step_wall_s": statistics.median(wall),
+                "steps": len(cpu), "ratio": step / floor,
+                "ratio_vs_1024": step / (B * 2 * P / (out["gflops_1024"] * 1e9)),
+                "kv_read_floor_s": kv_bytes / (out["read_gbps"] * 1e9)}
     return out
 
 
 # --- main -----------------------------------------------------------------------------------
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pdbatch.bench.engine", description=__doc__.split("\n")[0])
@@ -331,14 +374,18 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-tokens", type=int,
                     help="prefill tokens per forward pass, pdbatch and generate_batch (default: pdbatch's "
                          "CPU default, 1024)")
-    ap.add_argument("--max-num-seqs", type=int, default=64, help="decode batch size limit")
-    # 2 GiB, not generate()'s 1 GiB: the slot pool doubles its length axis up to the model's
-    # 2048-token context, so 1 GiB admits only 32 rows and --max-num-seqs 64 would never be reached
+    ap.add_argument("--max-num-seqs", type=int, default=JobConfig.max_num_seqs,
+                    help="decode batch size limit, pdbatch and generate_batch (default: pdbatch's, 128)")
+    # pdbatch's default KV budget, 2 GiB: 128 rows of up to 768 positions take 1.5 GiB
     ap.add_argument("--kv-budget-mib", type=int, default=2048, help="KV memory for pdbatch and generate_batch")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--check-rows", type=int, help="rows also run one prompt at a time "
                     "(default: a quarter of the prompts, at most 10)")
     ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--roofline-batches", type=int_list, default=[32, 64, 128],
+                    help="decode batch sizes timed against the roofline (default 32,64,128)")
+    ap.add_argument("--roofline-contexts", type=int_list, default=[32, 128, 256],
+                    help="context lengths of those decode steps (default 32,128,256)")
     ap.add_argument("--model-dir", help="default: built once under ~/.cache/pdbatch/bench")
     args = ap.parse_args(argv)
     if args.check_rows is None:
@@ -397,7 +444,7 @@ def main(argv=None) -> int:
         if hf is not None:
             results[name]["mismatch_vs_hf"] = mismatches(outs, hf)
 
-    roof = None if args.no_roofline else roofline(lm)
+    roof = None if args.no_roofline else roofline(lm, args.roofline_batches, args.roofline_contexts)
 
     ratios = {}
     for key in ("tokens_per_s", "tokens_per_cpu_s"):
@@ -406,7 +453,9 @@ def main(argv=None) -> int:
         ratios[f"pdbatch_over_hf_generate{suffix}"] = ratio(tps.get("pdbatch"), tps.get("hf_generate"))
         ratios[f"pdbatch_over_generate_batch{suffix}"] = ratio(tps.get("pdbatch"), tps.get("generate_batch"))
     if roof:
-        ratios.update({f"decode_step_over_roofline_b{B}": b["ratio"] for B, b in roof["batches"].items()})
+        for B, b in roof["batches"].items():
+            for C, c in b["contexts"].items():
+                ratios[f"decode_step_over_roofline_b{B}_ctx{C}"] = c["ratio"]
     print_report(command, results, roof, ratios, rows)
 
     report = {"command": command, "args": vars(args), "model_dir": str(path),
@@ -430,13 +479,13 @@ def print_report(command, results, roof, ratios, rows) -> None:
     if roof:
         print(f"\nroofline: P = {roof['gemm_params'] / 1e6:.2f}M GEMM params; fp32 matmul 1024^3: "
               f"{roof['gflops_1024']:.1f} GFLOP/s; memory read {roof['read_gbps']:.1f} GB/s")
+        print(f"  {'batch':>5} {'R GFLOP/s':>9} {'floor ms':>8} {'GEMMs ms':>8} | {'ctx':>4} {'step ms':>7} "
+              f"{'ratio':>5} {'KV read ms':>10}   (floor = B x 2P / R; GEMMs = the step's GEMMs alone)")
         for B, b in roof["batches"].items():
-            m, k, n = b["gemm_shape"]
-            print(f"  batch {B}: R = matmul [{m},{k}]x[{k},{n}] {b['gflops']:.1f} GFLOP/s (as nn.Linear "
-                  f"{b['linear_gflops']:.1f}), B x 2P / R = {b['gemm_floor_s'] * 1e3:.1f} ms; decode step "
-                  f"{b['step_s'] * 1e3:.1f} ms CPU (min {b['step_min_s'] * 1e3:.1f}, wall {b['step_wall_s'] * 1e3:.1f})\n"
-                  f"           ratio {b['ratio']:.2f} ({b['ratio_vs_1024']:.2f} with the 1024^3 rate); "
-                  f"reading the KV alone takes {b['kv_read_floor_s'] * 1e3:.1f} ms")
+            for i, (C, c) in enumerate(b["contexts"].items()):
+                head = (f"  {B:>5} {b['gflops']:>9.1f} {b['gemm_floor_s'] * 1e3:>8.1f} {b['gemm_chain_s'] * 1e3:>8.1f}"
+                        if i == 0 else " " * 34)
+                print(f"{head} | {C:>4} {c['step_s'] * 1e3:>7.1f} {c['ratio']:>5.2f} {c['kv_read_floor_s'] * 1e3:>10.1f}")
     targets = {"pdbatch_over_hf_generate": ">= 3", "pdbatch_over_generate_batch": ">= 1.5"}
     print()
     for key, val in ratios.items():

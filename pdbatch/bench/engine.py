@@ -57,7 +57,7 @@ import torch
 import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from pdbatch.config import JobConfig
+from pdbatch.config import JobConfig, parse_size
 from pdbatch.decode import DecodeEngine, generate, kv_shape
 from pdbatch.kv_packet import KVPacket
 from pdbatch.model import LoadedModel, load_model
@@ -377,7 +377,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=JobConfig.max_num_seqs,
                     help="decode batch size limit, pdbatch and generate_batch (default: pdbatch's, 128)")
     # pdbatch's default KV budget, 2 GiB: 128 rows of up to 768 positions take 1.5 GiB
-    ap.add_argument("--kv-budget-mib", type=int, default=2048, help="KV memory for pdbatch and generate_batch")
+    ap.add_argument("--kv-budget-mib", type=int, default=parse_size(JobConfig.kv_budget) >> 20,
+                    help="KV memory for pdbatch and generate_batch (default: pdbatch's, 2048)")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--check-rows", type=int, help="rows also run one prompt at a time "
                     "(default: a quarter of the prompts, at most 10)")

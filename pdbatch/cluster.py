@@ -58,7 +58,9 @@ def worker_threads(cfg: JobConfig, workers: int) -> int:
 # each unit's input rows, so with the default N = 1000 the driver (client and embedded scheduler)
 # grew by every unit's rows until 1000 units had passed (measured: +24 MiB over 200k short rows;
 # long prompts make it hundreds). N also bounds the scheduler's transition log and the workers'
-# transfer logs, which pdbatch reads only for the latest transfer (tasks._transfer_seconds).
+# transfer logs, from which pdbatch reads only the latest transfer's time
+# (tasks._transfer_seconds) and the GPU check a sample of bandwidths; bytes moved come from
+# running totals (worker.sent_transfer_bytes).
 LOW_LEVEL_LOG_LENGTH = 16
 
 

@@ -331,7 +331,8 @@ def test_kv_budget_long_prompts_small_budget(tmp_path, tiny):
         driver.stop()
     assert_complete_and_correct(out, prompts, expected, units=3)
     r = report(out)
-    assert r["protocol"] == "tls" and r["unit_retries"] == 0  # no worker was restarted for memory
+    # no worker was restarted for memory; on failure, the driver's log says why units were redone
+    assert r["protocol"] == "tls" and r["unit_retries"] == 0, driver.stderr[-4000:]
     dec = r["worker_memory"]["decode-0"]
     assert dec["kv_budget_bytes"] == budget
     longest = max(len(tiny.tokenizer(p)["input_ids"]) for p in prompts) + 8

@@ -116,6 +116,38 @@ def test_colocated_prefill_batches_group_waiting_prompts_by_length(llama):
     assert [len(o.output_token_ids) for o in outs] == [3] * len(lens)
 
 
+def test_colocated_prefill_waits_for_several_free_slots_while_decoding(llama):
+    """With sequences decoding, a slot frees about once a step; a prefill pass then waits until
+    a few are free (PREFILL_MIN_FREE_SHARE of them, or all the waiting prompts fit) instead of
+    prefilling one prompt per freed slot. Every row still completes with its own length."""
+    from pdbatch import decode
+
+    slots = 64
+    min_free = int(slots * decode.PREFILL_MIN_FREE_SHARE)
+    assert min_free >= 4
+    engine = DecodeEngine(llama, prefill=PrefillEngine(llama, max_batch_tokens=1024), max_num_seqs=slots)
+    passes, run = [], engine.prefill.run
+
+    def recording_run(requests):  # called on the engine's thread, so engine state is stable here
+        passes.append((len(requests), len(engine._prompts), len(engine.active)))
+        return run(requests)
+
+    engine.prefill.run = recording_run
+    rng = random.Random(7)
+    reqs = [Request(str(i), [5 + i % 50] * rng.randint(4, 24),
+                    SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True)) for i in range(200)]
+    try:
+        with engine._cv:  # all queued before the loop takes its first pass
+            futs = [engine.submit_request(r) for r in reqs]
+        outs = [f.result(timeout=120) for f in futs]
+    finally:
+        engine.close()
+    assert [len(o.output_token_ids) for o in outs] == [r.params.max_new_tokens for r in reqs]
+    while_decoding = [(n, left) for n, left, active in passes if active]
+    assert len(while_decoding) >= 5, passes  # the test must exercise passes between decode steps
+    assert all(n >= min(min_free, n + left) for n, left in while_decoding), passes
+
+
 def test_packet_made_in_another_process_decodes_the_same(llama, llama_dir, tmp_path):
     reqs = greedy_requests(llama, n=12, seed=3)
     for r in reqs:

@@ -6,7 +6,10 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   however large the input is;
 - a unit's prefill goes to the prefill worker with the fewest units in progress;
 - when its prefill finishes, its decode goes to the decode worker with the most free KV budget
-  (its budget minus the KV already routed to it and not yet decoded);
+  (its budget minus the KV already routed to it and not yet decoded); when every decode worker
+  already has two units and its budget's worth of packets routed to it, the unit waits with its
+  KV on its prefill worker: a decode worker holds its KV pool plus at most max(one budget, two
+  units) of packets, whatever the window;
 - the worker list is re-read continuously, so workers that join mid-job take work and workers
   that leave are no longer chosen;
 - a unit whose task failed or whose prefill/decode worker left is started again from its
@@ -75,6 +78,7 @@ class Pipeline:
         self.inflight: dict[str, _Unit] = {}
         self.prefill_load: dict[str, int] = {}
         self.decode_kv: dict[str, int] = {}  # KV bytes routed to each decode worker, not yet done
+        self.decode_kv_peak: dict[str, int] = {}  # the most decode_kv held at once, for the report
         self.budgets: dict[str, int] = {}
         self.workers: dict[str, dict] = {}
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
@@ -159,12 +163,27 @@ class Pipeline:
             u.phase = "wait-decode"
             return False
         pf = u.futures["prefill"]
-        try:
-            u.kv_bytes = int(self.client.nbytes(keys=[pf.key], summary=False).get(pf.key, 0))
-        except Exception:  # a missing size only weakens routing, never correctness
-            u.kv_bytes = 0
-        w = max(pool, key=lambda a: (self.budgets.get(a, 0) - self.decode_kv.get(a, 0), a))
+        if u.phase != "wait-room":  # sized once; the unit may wait here for many loop turns
+            try:
+                u.kv_bytes = int(self.client.nbytes(keys=[pf.key], summary=False).get(pf.key, 0))
+            except Exception:  # a missing size only weakens routing, never correctness
+                u.kv_bytes = 0
+        # Packets wait in the decode worker's memory until its pool has room, outside the pool's
+        # budget: cap them at one budget. A worker with fewer than two units always takes one
+        # more, however large: the next unit's rows are there to fill the batch while the
+        # current unit's last rows finish, and a small budget never stalls the job.
+        units = {a: 0 for a in pool}
+        for x in self.inflight.values():
+            if x.phase == "decode" and x.decode_worker in units:
+                units[x.decode_worker] += 1
+        room = [a for a in pool if units[a] < 2
+                or self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0)]
+        if not room:
+            u.phase = "wait-room"
+            return False
+        w = max(room, key=lambda a: (self.budgets.get(a, 0) - self.decode_kv.get(a, 0), a))
         self.decode_kv[w] = self.decode_kv.get(w, 0) + u.kv_bytes
+        self.decode_kv_peak[w] = max(self.decode_kv_peak.get(w, 0), self.decode_kv[w])
         u.phase, u.decode_worker = "decode", w
         u.futures["decode"] = self._submit(decode_unit, pf, pf.key, phase="decode", u=u, worker=w)
         self._submit_write(u)
@@ -265,7 +284,7 @@ class Pipeline:
             for u in list(self.inflight.values()):
                 if u.phase == "queued":
                     self.submit_unit(u)
-                elif u.phase == "wait-decode":
+                elif u.phase in ("wait-decode", "wait-room"):
                     self.submit_decode(u)
             stalled_since = self._check_stall(stalled_since)
             # only pending futures: a finished prefill stays in u.futures (its KV feeds decode),
@@ -363,6 +382,11 @@ class Pipeline:
                 if isinstance(v, int)}
 
     def _worker_memory(self) -> dict:
-        """Per live worker (by name): peak RSS, and the decode KV pool's peak against its budget."""
+        """Per live worker (by name): peak RSS, the decode KV pool's peak against its budget, and
+        the most packet KV the driver had routed to it at once (kv_routed_peak_bytes)."""
         got = self.client.run(worker_memory, on_error="return")
-        return {v.pop("name"): v for v in got.values() if isinstance(v, dict) and v}
+        out = {v.pop("name"): v for v in got.values() if isinstance(v, dict) and v}
+        for addr, peak in self.decode_kv_peak.items():  # the driver's side: packets routed, not done
+            if self.names.get(addr) in out:
+                out[self.names[addr]]["kv_routed_peak_bytes"] = peak
+        return out

@@ -348,6 +348,30 @@ def test_kv_budget_long_prompts_small_budget(tmp_path, tiny):
            listening=sorted(sampler.listening))
 
 
+def test_packets_waiting_on_a_decode_worker_stay_within_its_budget(tmp_path, tiny):
+    """Prefill outruns decode (short prompts, long outputs) under a small KV budget: once a
+    decode worker has two units and a budget's worth of packets, further units wait with their
+    packets on the prefill worker instead of piling them up on the decode worker, where they
+    would sit outside its pool's budget; every row still comes out right."""
+    per_token = 2 * 4 * 2 * 32 * 4  # data/tiny-llama, fp32
+    prompts = long_prompts(tiny, 16, 250)  # 260-263 tokens
+    new = 48
+    budget = 3 * 2**19  # 1.5 MiB: two reservations of ~310 tokens (pool rows round to 320: 640 KiB each)
+    unit_kv = 2 * 260 * per_token  # ~1.02 MiB of packets: two units are more than the budget
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
+    expected = expected_for(tiny, prompts, n=new)
+    out = tmp_path / "out"
+    proc = run_cli("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", new, "--ignore-eos",
+                   "--unit-rows", 2, "--kv-budget", budget, "--progress", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert_complete_and_correct(out, prompts, expected, units=8)
+    dec = report(out)["worker_memory"]["decode-0"]
+    # measured, and never more than two units' packets (the driver's window of 6 units in flight
+    # would otherwise let all 6 reach it, ~6.3 MiB)
+    assert unit_kv <= dec["kv_routed_peak_bytes"] < 3 * unit_kv, dec
+    assert dec["kv_pool_peak_bytes"] <= budget
+
+
 # --- security: TLS with the cluster's own certificates ------------------------------------------
 
 def _identity(address: str, security) -> dict:

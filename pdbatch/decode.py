@@ -81,6 +81,12 @@ def kv_shape(lm: LoadedModel) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def kv_bytes_per_token(lm: LoadedModel) -> int:
+    """KV cache bytes one token takes in this model: K and V of every layer."""
+    layers, kv_heads, head_dim = kv_shape(lm)
+    return 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
+
+
 class DecodeEngine:
     def __init__(self, lm: LoadedModel, *, kv_budget_bytes: int = 1 << 30, max_num_seqs: int = 128,
                  worker_name: str | None = None, prefill: PrefillEngine | None = None):
@@ -290,4 +296,4 @@ def generate(lm: LoadedModel, requests: list[Request], *, colocated: bool = True
         engine.close()
 
 
-__all__ = ["DecodeEngine", "generate", "kv_shape", "validate_request"]
+__all__ = ["DecodeEngine", "generate", "kv_bytes_per_token", "kv_shape", "validate_request"]

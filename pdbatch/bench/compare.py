@@ -179,10 +179,9 @@ def _engine_args(o: BenchOptions, lm, work):
     by --kv-budget."""
     from types import SimpleNamespace
 
-    from pdbatch.decode import kv_shape
+    from pdbatch.decode import kv_bytes_per_token
 
-    layers, kv_heads, head_dim = kv_shape(lm)
-    page = 256 * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
+    page = 256 * kv_bytes_per_token(lm)
     need = sum(math.ceil((len(p) + k) / 256) + 1 for p, k in zip(work.prompts, work.out_lens)) * page
     mib = min(parse_size(o.kv_budget), need) / 2**20
     return SimpleNamespace(hf_batch_size=o.hf_batch_size, max_batch_tokens=o.max_batch_tokens,

@@ -58,7 +58,7 @@ import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from pdbatch.config import JobConfig, parse_size
-from pdbatch.decode import DecodeEngine, generate, kv_shape
+from pdbatch.decode import DecodeEngine, generate, kv_bytes_per_token, kv_shape
 from pdbatch.kv_packet import KVPacket
 from pdbatch.model import LoadedModel, load_model
 from pdbatch.prefill import default_max_batch_tokens
@@ -166,8 +166,7 @@ def run_hf_generate(lm, work, args):
 
 
 def run_generate_batch(lm, work, args):
-    layers, kv_heads, head_dim = kv_shape(lm)
-    block_bytes = 256 * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize  # 256-token pages
+    block_bytes = 256 * kv_bytes_per_token(lm)  # 256-token pages
     # Same budgets as pdbatch: tokens per forward pass, sequences per batch, KV memory. Without
     # num_blocks the paged cache would take 60% of the machine's RAM (and zero it).
     cb_cfg = ContinuousBatchingConfig(max_batch_tokens=args.max_batch_tokens,
@@ -268,7 +267,7 @@ def decode_steps(lm: LoadedModel, batch: int, prompt_len: int = 256, steps: int 
     kv = torch.randn(layers, 2, kv_heads, prompt_len, head_dim, dtype=lm.dtype)
     # Budget for `batch` rows even if the slot pool grows its length axis to the whole context
     # (it does, by doubling), so that exactly `batch` rows are admitted.
-    budget = batch * lm.max_model_len * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
+    budget = batch * lm.max_model_len * kv_bytes_per_token(lm)
     engine = DecodeEngine(lm, kv_budget_bytes=budget, max_num_seqs=batch)
     # stats.step_log has wall times; the engine thread's CPU time per step is measured by
     # wrapping its _step (the loop calls self._step, so an instance attribute takes over).
@@ -324,7 +323,6 @@ def gemm_chain_s(lm: LoadedModel, batch: int, reps: int = 15) -> float:
 def roofline(lm: LoadedModel, batches=(32, 64, 128), contexts=(32, 128, 256)) -> dict:
     cfg = lm.model.config
     h, inter = cfg.hidden_size, cfg.intermediate_size
-    layers, kv_heads, head_dim = kv_shape(lm)
     P = gemm_params(lm.model)
     out = {"gemm_params": P, "gflops_1024": gemm_gflops(1024, 1024, 1024), "read_gbps": read_gbps(),
            "batches": {}}
@@ -343,7 +341,7 @@ def roofline(lm: LoadedModel, batches=(32, 64, 128), contexts=(32, 128, 256)) ->
             wall, cpu = steps[C]
             step = statistics.median(cpu)  # CPU time, like the GEMM rate; wall time reported beside it
             # C + 12: the mean context over the measured steps
-            kv_bytes = B * (C + 12) * 2 * layers * kv_heads * head_dim * lm.dtype.itemsize
+            kv_bytes = B * (C + 12) * kv_bytes_per_token(lm)
             b["contexts"][C] = {
                 "step_s": step, "step_min_s": min(cpu), "step_wall_s": statistics.median(wall),
                 "steps": len(cpu), "ratio": step / floor,

@@ -75,7 +75,7 @@ def run(input, output, config_file, **options):
 
     Rerunning the same command resumes: finished units are skipped.
     """
-    from .runner import run_job
+    from .driver.runner import run_job
 
     cfg = build_config({"input": input, "output": output, **_cli_values(options)}, config_file)
     report = run_job(cfg)
@@ -91,12 +91,12 @@ def _cli_values(options: dict) -> dict:
     return out
 
 
-from .slurm import submit; cli.add_command(submit)  # noqa: E402,E702  (Slurm: pdbatch/slurm.py)
+from .slurm.submit import submit; cli.add_command(submit)  # noqa: E402,E702  (pdbatch/slurm/submit.py)
 from .bench.cli import bench, plan; cli.add_command(bench); cli.add_command(plan)  # noqa: E402,E702  (pdbatch/bench/cli.py)
 
 
 def main(argv=None) -> None:
-    from .pipeline import JobFailed
+    from .driver.pipeline import JobFailed
 
     try:
         rv = cli.main(args=argv, prog_name="pdbatch", standalone_mode=False)

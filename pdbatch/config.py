@@ -14,8 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .engines.sampling import SamplingParams
 from .errors import UserError
-from .sampling import SamplingParams
 
 try:
     import tomllib
@@ -122,7 +122,7 @@ class JobConfig:
     max_inflight_units: int = 0  # 0: 2 x workers + 2
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | log | none
-    # reliability (pdbatch/quarantine.py, docs/security.md)
+    # reliability (pdbatch/driver/quarantine.py, docs/security.md)
     worker_timeout: float = 300.0  # s with no worker of a needed role before the job stops (exit 1)
     max_attempts: int = 3  # tries of a unit before its rows are probed one by one (quarantine)
     worker_memory_limit: str = "0"  # embedded workers: the nanny restarts a worker above it; 0: none

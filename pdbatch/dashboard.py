@@ -1,63 +1,6 @@
-"""The pdbatch page on the Dask dashboard, and the scheduler preload that installs it.
+"""Alias of the scheduler preload, kept for `dask scheduler --preload pdbatch.dashboard` (the
+documented spelling, in slurm/pdbatch.sbatch and users' own scripts)."""
 
-Any Dask scheduler gets pdbatch monitoring (the page at `/pdbatch`, `pdbatch_*` metrics on
-`/metrics`) by loading this module as a preload:
+from .monitoring.dashboard import dask_setup
 
-    dask scheduler --preload pdbatch.dashboard --scheduler-file sched.json   # Slurm, by hand
-    Scheduler(..., preload=["pdbatch.dashboard"])                            # in Python
-
-`pdbatch run` passes it to its embedded cluster's scheduler. On a scheduler started without
-it, the driver installs the same plugin at job start (pdbatch.progress.Publisher), so the page
-appears then; the preload only makes it exist before the first job.
-"""
-
-from __future__ import annotations
-
-import logging
-
-from .monitor import Monitor
-
-PAGE = "/pdbatch"
-log = logging.getLogger("pdbatch.monitor")
-
-
-def dask_setup(scheduler) -> None:
-    """Preload entry point: Dask starts the plugin (and so the page) right after this."""
-    scheduler.add_plugin(Monitor(), idempotent=True)
-
-
-def page_url(dashboard_link: str | None) -> str | None:
-    """The pdbatch page next to a dashboard link such as http://host:8787/status."""
-    if not dashboard_link:
-        return None
-    return dashboard_link.rsplit("/", 1)[0] + PAGE
-
-
-def add_page(scheduler, monitor) -> bool:
-    """Serve the pdbatch page from the scheduler's dashboard (once; False if there is none)."""
-    if getattr(scheduler, "_pdbatch_page", None) is not None:
-        return True
-    try:
-        from bokeh.server.server import BokehTornado
-        from distributed.dashboard.core import BokehApplication
-        from distributed.dashboard.scheduler import template_variables
-        from tornado.ioloop import IOLoop
-
-        from .dashboard_page import pdbatch_doc
-    except ImportError as e:  # no bokeh: Dask runs without a dashboard too
-        log.info("no pdbatch dashboard page: %s", e)
-        return False
-    http = getattr(scheduler, "http_application", None)
-    dask_apps = [a for a in getattr(http, "applications", ()) if isinstance(a, BokehTornado)]
-    if not dask_apps:  # the scheduler was started with its dashboard off
-        return False
-    variables = template_variables(scheduler)  # shared by every dashboard page: add a nav link
-    if PAGE.strip("/") not in variables["pages"]:
-        variables["pages"].append(PAGE.strip("/"))
-    app = BokehApplication({PAGE: pdbatch_doc}, scheduler, prefix=dask_apps[0].prefix,
-                           template_variables=variables)
-    http.add_application(app)
-    app.initialize(IOLoop.current())
-    app.start()
-    scheduler._pdbatch_page = app
-    return True
+__all__ = ["dask_setup"]

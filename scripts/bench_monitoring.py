@@ -44,12 +44,12 @@ def make_input(path: str, rows: int) -> None:
 def run_once(config: str, inp: str, out: str, args) -> dict:
     from distributed import Client, Scheduler, SpecCluster
 
-    from pdbatch.cluster import quiet_dask_logs, worker_specs
     from pdbatch.config import JobConfig
-    from pdbatch.dataset import plan_input
-    from pdbatch.output import OutputDir
-    from pdbatch.pipeline import Pipeline
-    from pdbatch.progress import JobProgress
+    from pdbatch.driver.cluster import quiet_dask_logs, worker_specs
+    from pdbatch.driver.pipeline import Pipeline
+    from pdbatch.io.dataset import plan_input
+    from pdbatch.io.output import OutputDir
+    from pdbatch.monitoring.progress import JobProgress
 
     quiet_dask_logs()
     on = config != "off"
@@ -115,7 +115,7 @@ class Timed:
 def measure_costs(client, n: int = 200) -> dict:
     """Microseconds per call of each periodic monitoring step, measured where it runs."""
     def on_worker(dask_worker=None):
-        from pdbatch.metrics import worker_metrics
+        from pdbatch.monitoring.metrics import worker_metrics
 
         t0 = time.perf_counter()
         for _ in range(n):
@@ -125,8 +125,8 @@ def measure_costs(client, n: int = 200) -> dict:
     def on_scheduler(dask_scheduler=None):
         from prometheus_client import generate_latest
 
-        from pdbatch.monitor import find_monitor
-        from pdbatch.prometheus import collect_monitor
+        from pdbatch.monitoring.monitor import find_monitor
+        from pdbatch.monitoring.prometheus import collect_monitor
 
         mon = find_monitor(dask_scheduler)
         out = {}

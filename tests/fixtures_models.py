@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from pdbatch.model import load_model
+from pdbatch.engines.builtin.model import load_model
 from pdbatch.toymodels import build_gpt2, build_llama
 
 

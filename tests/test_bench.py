@@ -13,7 +13,7 @@ from pdbatch.bench.plan import recommend
 from pdbatch.bench.systems import SYSTEMS, SystemRun
 from pdbatch.bench.workloads import WorkloadSpec, make_workload, parse_range
 from pdbatch.errors import UserError
-from pdbatch.prompts import RowError, encode_prompt
+from pdbatch.io.prompts import RowError, encode_prompt
 
 TINY = ["--rows", "8", "--prompt-len", "16-48", "--output-len", "4-12"]
 PER_SYSTEM = ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "wall_s")

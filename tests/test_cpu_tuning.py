@@ -1,4 +1,4 @@
-"""pdbatch.model.tune_for_cpu: the transposed weight layout and the decode attention that
+"""pdbatch.engines.builtin.model.tune_for_cpu: the transposed weight layout and the decode attention that
 reads each row's own length must leave results as they were (tests/test_engine.py checks whole
 generations against Hugging Face; these check the pieces)."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from fixtures_models import random_prompts
 
-from pdbatch import attention
-from pdbatch.decode import kv_shape
-from pdbatch.kv_cache import SlotKVCache
-from pdbatch.model import load_model
+from pdbatch.engines.builtin import attention
+from pdbatch.engines.builtin.decode import kv_shape
+from pdbatch.engines.builtin.kv_cache import SlotKVCache
+from pdbatch.engines.builtin.model import load_model
 
 
 @pytest.fixture(scope="module")

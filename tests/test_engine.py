@@ -12,12 +12,12 @@ import pytest
 from distributed.protocol import deserialize_bytes, serialize_bytes
 from fixtures_models import hf_greedy, random_prompts
 
-from pdbatch.decode import DecodeEngine, generate
-from pdbatch.kv_packet import KVPacket
-from pdbatch.model import load_model
-from pdbatch.prefill import PrefillEngine, length_buckets
-from pdbatch.sampling import SamplingParams
-from pdbatch.sequence import Request
+from pdbatch.engines.builtin.decode import DecodeEngine, generate
+from pdbatch.engines.builtin.model import load_model
+from pdbatch.engines.builtin.prefill import PrefillEngine, length_buckets
+from pdbatch.engines.request import Request
+from pdbatch.engines.sampling import SamplingParams
+from pdbatch.kv.packet import KVPacket
 
 
 def greedy_requests(lm, n=56, seed=0, max_len=160):
@@ -120,7 +120,7 @@ def test_colocated_prefill_waits_for_several_free_slots_while_decoding(llama):
     """With sequences decoding, a slot frees about once a step; a prefill pass then waits until
     a few are free (PREFILL_MIN_FREE_SHARE of them, or all the waiting prompts fit) instead of
     prefilling one prompt per freed slot. Every row still completes with its own length."""
-    from pdbatch import decode
+    from pdbatch.engines.builtin import decode
 
     slots = 64
     min_free = int(slots * decode.PREFILL_MIN_FREE_SHARE)
@@ -156,8 +156,8 @@ def test_packet_made_in_another_process_decodes_the_same(llama, llama_dir, tmp_p
     script = (
         "import pickle, sys, torch; torch.set_num_threads(1)\n"
         "from distributed.protocol import serialize_bytes\n"
-        "from pdbatch.model import load_model\n"
-        "from pdbatch.prefill import PrefillEngine\n"
+        "from pdbatch.engines.builtin.model import load_model\n"
+        "from pdbatch.engines.builtin.prefill import PrefillEngine\n"
         f"lm = load_model({llama_dir!r}, dtype='float32', device='cpu')\n"
         f"reqs = pickle.loads({pickle.dumps(reqs)!r})\n"
         "packets = PrefillEngine(lm).run(reqs)\n"
@@ -197,7 +197,7 @@ def test_a_units_packets_are_sized_exactly_and_travel_as_own_frames(llama):
     from dask.sizeof import sizeof
     from distributed.protocol.serialize import merge_and_deserialize, serialize_and_split
 
-    from pdbatch.kv_packet import UnitPackets
+    from pdbatch.kv.packet import UnitPackets
 
     packets = [p for p in PrefillEngine(llama).run(greedy_requests(llama, n=30)) if isinstance(p, KVPacket)]
     assert len(packets) > 20

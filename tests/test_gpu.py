@@ -8,11 +8,11 @@ import torch
 from distributed.protocol import deserialize, serialize
 
 from pdbatch.config import JobConfig
-from pdbatch.cluster import worker_specs
-from pdbatch.gpu import visible_devices
-from pdbatch.prefill import PrefillEngine
-from pdbatch.sampling import SamplingParams
-from pdbatch.sequence import Request
+from pdbatch.driver.cluster import worker_specs
+from pdbatch.driver.gpu import visible_devices
+from pdbatch.engines.builtin.prefill import PrefillEngine
+from pdbatch.engines.request import Request
+from pdbatch.engines.sampling import SamplingParams
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,7 +41,7 @@ def test_host_packet_declines_the_cuda_family(llama):
 
 @needs_gpu
 def test_gpu_packet_travels_as_one_device_buffer(llama_dir):
-    from pdbatch.model import load_model
+    from pdbatch.engines.builtin.model import load_model
 
     lm = load_model(llama_dir, dtype="bfloat16", device="cuda")
     (packet,) = PrefillEngine(lm).run([Request("a", [5, 6, 7, 8], SamplingParams(max_new_tokens=4))])

@@ -31,7 +31,7 @@ from fixtures_models import hf_greedy
 from pipeline_helpers import DEFAULT_MODEL, read_report, read_rows, run_cli
 
 from pdbatch.cli import main
-from pdbatch.model import load_model
+from pdbatch.engines.builtin.model import load_model
 
 
 def _table(path, **cols):
@@ -117,7 +117,7 @@ def no_cluster(monkeypatch):
     def refuse(cfg):
         raise AssertionError("a job-level problem must be caught before any cluster starts")
 
-    monkeypatch.setattr("pdbatch.cluster.connect", refuse)
+    monkeypatch.setattr("pdbatch.driver.cluster.connect", refuse)
 
 
 @pytest.mark.parametrize("build,needle", [c[1:] for c in JOB_LEVEL], ids=[c[0] for c in JOB_LEVEL])

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from distributed import Scheduler, SpecCluster
 
-from pdbatch.cluster import worker_specs
 from pdbatch.config import JobConfig
-from pdbatch.histogram import Histogram
-from pdbatch.metrics import install_worker_metrics
-from pdbatch.monitor import Monitor
-from pdbatch.terminal import ProgressBar, ProgressLog, format_eta, make_display
-from pdbatch.runner import run_job
+from pdbatch.driver.cluster import worker_specs
+from pdbatch.driver.runner import run_job
+from pdbatch.monitoring.histogram import Histogram
+from pdbatch.monitoring.metrics import install_worker_metrics
+from pdbatch.monitoring.monitor import Monitor
+from pdbatch.monitoring.terminal import ProgressBar, ProgressLog, format_eta, make_display
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = str(REPO / "data" / "sample.parquet")

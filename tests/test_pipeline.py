@@ -15,7 +15,7 @@ import pytest
 from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
                               read_report, read_rows, run_cli, text_reference, wait_session_empty)
 
-from pdbatch.model import load_model
+from pdbatch.engines.builtin.model import load_model
 
 NEW = 24  # tokens per row in these tests: enough to check decode, quick on 2 cores
 

@@ -25,7 +25,7 @@ from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_rows, run_cli, 
 from reliability_helpers import (Driver, PeakRSS, ProcCluster, assert_complete_and_correct, make_tls_files, record,
                                  reference, report)
 
-from pdbatch.model import load_model
+from pdbatch.engines.builtin.model import load_model
 
 NEW = 24  # tokens per row: long enough that a unit is still decoding when a worker dies
 
@@ -125,7 +125,7 @@ def test_decode_worker_deaths(tmp_path, tiny):
     """SIGKILL a decode worker mid-generation: a surviving decode worker redoes its units.
     Then SIGKILL the last one: the job stops after --worker-timeout (exit 1, one clear line),
     resumable; rerun with a replacement decode worker, it completes, nothing written twice."""
-    from pdbatch.worker import worker_status
+    from pdbatch.driver.worker import worker_status
 
     prompts = make_input(tmp_path / "in.parquet", 128)  # 32 units: enough left when decode-b dies
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_crash_while_writing_is_never_done_nor_data(driver_killed, tmp_path):
     counts as done or is read as data, and the next run redoes exactly those units."""
     import pyarrow.dataset as ds
 
-    from pdbatch.output import OutputDir
+    from pdbatch.io.output import OutputDir
 
     out = tmp_path / "out"
     shutil.copytree(driver_killed["out"], out)
@@ -274,9 +274,9 @@ def test_write_interrupted_in_process(tmp_path, monkeypatch):
     file: not a shard, not done, not data, and removed by the next run's prepare()."""
     import pyarrow.dataset as ds
 
-    import pdbatch.output as output
-    from pdbatch.output import OutputDir, outputs_to_table, write_shard
-    from pdbatch.sequence import SequenceOutput
+    import pdbatch.io.output as output
+    from pdbatch.engines.request import SequenceOutput
+    from pdbatch.io.output import OutputDir, outputs_to_table, write_shard
 
     out = OutputDir(str(tmp_path))
     out.prepare({"job": 1}, overwrite=False)
@@ -511,7 +511,7 @@ def test_tls_and_reliability_options_from_a_job_file(tmp_path):
     cfg = build_config({}, str(tmp_path / "job.toml"))
     assert (cfg.tls, cfg.tls_ca_file, cfg.tls_cert, cfg.tls_key) == ("files", ca, cert, key)
     assert (cfg.worker_timeout, cfg.max_attempts, cfg.worker_memory_limit) == (30, 5, "4GiB")
-    from pdbatch.security import job_security
+    from pdbatch.driver.security import job_security
 
     sec = job_security(cfg)
     assert sec.require_encryption and sec.tls_ca_file == ca and sec.tls_worker_cert == cert
@@ -520,7 +520,7 @@ def test_tls_and_reliability_options_from_a_job_file(tmp_path):
 
 def test_latency_samples_are_bounded():
     """The driver keeps at most `cap` TTFT/TPOT samples however many rows run (report.py)."""
-    from pdbatch.report import Reservoir, percentile
+    from pdbatch.monitoring.report import Reservoir, percentile
 
     r = Reservoir(cap=1000, recent=100)
     sent = 0

@@ -20,9 +20,9 @@ import pytest
 from pipeline_helpers import DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, read_report, read_rows
 
 from pdbatch.config import build_config
+from pdbatch.engines.builtin.model import load_model
 from pdbatch.errors import UserError
-from pdbatch.model import load_model
-from pdbatch.slurm import plan_layout, prepare_output, render_script
+from pdbatch.slurm.submit import plan_layout, prepare_output, render_script
 
 NEW = 8  # tokens per row: enough to check decode, quick on 2 cores
 UNIT_ROWS = 32  # the sample's 64 rows in 2 units
@@ -268,12 +268,12 @@ def test_gpu_script_two_nodes_prefill_and_decode(tmp_path):
     workers = [p for p in python if "dask cuda worker" in p]
     assert len(workers) == 2 and all(p.startswith("CUDA=0,1,2,3 ") for p in workers)
     wait, driver, stop = [p for p in python if "-m pdbatch." in p]
-    assert "pdbatch.slurm_job wait" in wait and "--workers 8" in wait
+    assert "pdbatch.slurm.job wait" in wait and "--workers 8" in wait
     for want in ("-m pdbatch.cli run prompts/*.parquet", f"-o {out}", "--protocol ucxx",
                  f"--scheduler-file {out}/_pdbatch/scheduler.json", "--model /models/Meta-Llama-3-8B-Instruct",
                  "--prefill-workers 4", "--decode-workers 4", "--dtype bfloat16", "--kv-budget 40GiB"):
         assert want in driver, (want, driver)
-    assert "pdbatch.slurm_job stop" in stop  # after the driver: the steps are stopped
+    assert "pdbatch.slurm.job stop" in stop  # after the driver: the steps are stopped
 
 
 def test_gpu_node_shared_by_both_roles_splits_its_gpus(tmp_path):

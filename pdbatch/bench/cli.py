@@ -97,7 +97,7 @@ def plan(workload, rows, prompt_len, output_len, prefix_share, seed, model, max_
     from pdbatch.bench.plan import calibrate, default_workers, plan_lines, recommend
     from pdbatch.bench.workloads import make_workload, token_pool
     from pdbatch.config import parse_size
-    from pdbatch.model import load_model
+    from pdbatch.engines.builtin.model import load_model
 
     spec = _spec(workload, rows, prompt_len, output_len, prefix_share, seed)
     label, path = resolve_model(model)

@@ -16,7 +16,7 @@ from pdbatch.bench.workloads import (ID_COLUMN, PROMPT_COLUMN, WorkloadSpec, mak
                                      warmup_workload, write_input)
 from pdbatch.config import DEFAULT_MODEL, build_config, parse_size
 from pdbatch.errors import UserError
-from pdbatch.report import percentile
+from pdbatch.monitoring.report import percentile
 
 MODEL_ALIASES = ("tiny", "bench-30m")
 
@@ -79,8 +79,8 @@ def machine_info() -> dict:
 def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[int, dict | None]:
     import torch
 
-    from pdbatch.model import load_model
-    from pdbatch.prefill import default_max_batch_tokens
+    from pdbatch.engines.builtin.model import load_model
+    from pdbatch.engines.builtin.prefill import default_max_batch_tokens
 
     label, path = resolve_model(o.model)
     threads = o.threads()
@@ -179,7 +179,7 @@ def _engine_args(o: BenchOptions, lm, work):
     by --kv-budget."""
     from types import SimpleNamespace
 
-    from pdbatch.decode import kv_bytes_per_token
+    from pdbatch.engines.builtin.decode import kv_bytes_per_token
 
     page = 256 * kv_bytes_per_token(lm)
     need = sum(math.ceil((len(p) + k) / 256) + 1 for p, k in zip(work.prompts, work.out_lens)) * page

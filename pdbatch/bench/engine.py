@@ -8,14 +8,14 @@ Workload: prompts of 32-512 random token ids (ids >= 3, so no special tokens), o
 16-256 with EOS ignored, so every row generates exactly its own length; the random-weight
 ~30M-parameter Llama of `pdbatch.toymodels` (BENCH_LLAMA_30M) in fp32. All systems get the same
 weights and prompts: pdbatch's engines the model as pdbatch loads it (CPU-tuned weight layout
-and decode attention, `pdbatch.model.tune_for_cpu`), the Hugging Face systems the model exactly
-as transformers loads it. Throughput = useful output tokens / wall time, prefill
+and decode attention, `pdbatch.engines.builtin.model.tune_for_cpu`), the Hugging Face systems
+the model exactly as transformers loads it. Throughput = useful output tokens / wall time, prefill
 included. Greedy outputs are compared row by row with hf_generate's, and a few rows with
 one-prompt-at-a-time `generate()` (batching with padding can flip near-ties in rare rows).
 
 Systems:
-  pdbatch             pdbatch.decode.generate(colocated=True): prefill batches interleaved
-                      with continuous-batching decode steps in one engine
+  pdbatch             pdbatch.engines.builtin.decode.generate(colocated=True): prefill batches
+                      interleaved with continuous-batching decode steps in one engine
   pdbatch_sequential  colocated=False: prefill everything, then decode
   hf_generate         model.generate, static batches of 16 prompts sorted by length, left padded;
                       a batch runs to its longest output, only each row's own length counts
@@ -58,12 +58,12 @@ import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from pdbatch.config import JobConfig, parse_size
-from pdbatch.decode import DecodeEngine, generate, kv_bytes_per_token, kv_shape
-from pdbatch.kv_packet import KVPacket
-from pdbatch.model import LoadedModel, load_model
-from pdbatch.prefill import default_max_batch_tokens
-from pdbatch.sampling import SamplingParams
-from pdbatch.sequence import Request
+from pdbatch.engines.builtin.decode import DecodeEngine, generate, kv_bytes_per_token, kv_shape
+from pdbatch.engines.builtin.model import LoadedModel, load_model
+from pdbatch.engines.builtin.prefill import default_max_batch_tokens
+from pdbatch.engines.request import Request
+from pdbatch.engines.sampling import SamplingParams
+from pdbatch.kv.packet import KVPacket
 from pdbatch.toymodels import BENCH_LLAMA_30M, build_llama
 
 SYSTEMS = ("pdbatch", "pdbatch_sequential", "hf_generate", "generate_batch")

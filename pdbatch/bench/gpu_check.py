@@ -69,12 +69,12 @@ def prompts_table(path: Path, n: int, vocab: int, lo: int, hi: int, seed: int = 
 
 def run_job_on_gpu(model_dir: Path, inp: Path, outdir: Path, **options) -> tuple[dict, dict]:
     """Run a job on an embedded GPU cluster; return its report and the workers' engine status."""
-    from pdbatch.cluster import connect
     from pdbatch.config import build_config
-    from pdbatch.dataset import plan_input
-    from pdbatch.output import OutputDir
-    from pdbatch.pipeline import Pipeline
-    from pdbatch.worker import worker_status
+    from pdbatch.driver.cluster import connect
+    from pdbatch.driver.pipeline import Pipeline
+    from pdbatch.driver.worker import worker_status
+    from pdbatch.io.dataset import plan_input
+    from pdbatch.io.output import OutputDir
 
     cfg = build_config({"input": str(inp), "output": str(outdir), "model": str(model_dir), "overwrite": True,
                         "protocol": "ucxx", "prefill_workers": 1, "decode_workers": 1, "id_column": "id",
@@ -95,7 +95,7 @@ def check_correctness(model_dir: Path, out: Path, rows: int) -> dict:
     import pyarrow.dataset as ds
     import torch
 
-    from pdbatch.model import load_model
+    from pdbatch.engines.builtin.model import load_model
 
     inp = out / "check.parquet"
     prompts = prompts_table(inp, rows, 30000, 8, 200, seed=1)

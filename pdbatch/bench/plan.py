@@ -24,8 +24,8 @@ import statistics
 import time
 
 from pdbatch.bench.engine import Workload
-from pdbatch.sampling import SamplingParams
-from pdbatch.sequence import Request
+from pdbatch.engines.request import Request
+from pdbatch.engines.sampling import SamplingParams
 
 DECODE_STEPS, WARMUP_STEPS = 8, 2
 
@@ -34,7 +34,7 @@ def calibrate(lm, work: Workload, *, threads: int, max_batch_tokens: int, max_nu
               kv_budget_bytes: int, sample_rows: int = 16) -> dict:
     import torch
 
-    from pdbatch.prefill import PrefillEngine
+    from pdbatch.engines.builtin.prefill import PrefillEngine
 
     torch.set_num_threads(threads)
     n = min(sample_rows, len(work.prompts))
@@ -66,8 +66,8 @@ def _request(i: int, prompt: list[int], max_new_tokens: int) -> Request:
 
 def decode_rates(lm, work: Workload, prefill, n: int, max_num_seqs: int, kv_budget_bytes: int) -> list[dict]:
     """Median decode step time at batch sizes 1, 2, 4, ..., on mid-generation contexts."""
-    from pdbatch.decode import DecodeEngine
-    from pdbatch.kv_packet import KVPacket
+    from pdbatch.engines.builtin.decode import DecodeEngine
+    from pdbatch.kv.packet import KVPacket
 
     # contexts = prompt + half the output: the middle of each row's decode
     ctx = [list(work.prompts[i]) + list(work.prompts[i][:1]) * (work.out_lens[i] // 2) for i in range(n)]

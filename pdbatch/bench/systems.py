@@ -51,11 +51,11 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
     """One pdbatch run: start the cluster, load the engines, warm up, then the timed run."""
     from distributed import get_task_stream
 
-    from pdbatch.cluster import connect
-    from pdbatch.dataset import plan_input
-    from pdbatch.output import OutputDir
-    from pdbatch.pipeline import Pipeline
-    from pdbatch.worker import worker_status
+    from pdbatch.driver.cluster import connect
+    from pdbatch.driver.pipeline import Pipeline
+    from pdbatch.driver.worker import worker_status
+    from pdbatch.io.dataset import plan_input
+    from pdbatch.io.output import OutputDir
 
     def pipeline(client, protocol, path, out, unit_rows):
         plan = plan_input(path, prompt_column=PROMPT_COLUMN, id_column=ID_COLUMN, unit_rows=unit_rows)

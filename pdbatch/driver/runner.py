@@ -7,14 +7,14 @@ import os
 
 import click
 
-from .config import JobConfig
-from .dashboard import page_url
-from .dataset import plan_input
-from .errors import UserError
-from .model import check_model_dir
-from .output import OutputDir
-from .progress import JobProgress
-from .report import summary_lines
+from ..config import JobConfig
+from ..engines.builtin.model import check_model_dir
+from ..errors import UserError
+from ..io.dataset import plan_input
+from ..io.output import OutputDir
+from ..monitoring.dashboard import page_url
+from ..monitoring.progress import JobProgress
+from ..monitoring.report import summary_lines
 
 
 def run_job(cfg: JobConfig, echo=None) -> dict:
@@ -54,8 +54,8 @@ def _empty_output(cfg: JobConfig, plan, out: OutputDir) -> dict:
     columns), a report and _SUCCESS."""
     import pyarrow.parquet as pq
 
-    from .output import OUTPUT_SCHEMA, write_shard
-    from .report import RunTotals, build_report
+    from ..io.output import OUTPUT_SCHEMA, write_shard
+    from ..monitoring.report import RunTotals, build_report
 
     table = OUTPUT_SCHEMA.empty_table()
     keep = pq.ParquetFile(plan.files[0]).schema_arrow.empty_table().select(plan.keep_columns)

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import IncompatibleKV
+from ...errors import IncompatibleKV
+from ...kv.packet import KVPacket
+from ..request import Request, SequenceOutput
+from ..sampling import SamplingParams
+from ..stopping import StopChecker
 from .kv_cache import SlotKVCache
-from .kv_packet import KVPacket
 from .model import LoadedModel
 from .prefill import PrefillEngine, length_buckets, validate_request
-from .sampling import SamplingParams, sample_next
-from .sequence import Request, SequenceOutput
-from .stopping import StopChecker
+from .sampler import sample_next
 
 
 @dataclass

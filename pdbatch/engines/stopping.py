@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
+from .request import SequenceOutput
 from .sampling import SamplingParams
-from .sequence import SequenceOutput
 
 
 class StopChecker:

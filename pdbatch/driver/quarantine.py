@@ -29,7 +29,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from .sequence import SequenceOutput
+from ..engines.request import SequenceOutput
 
 log = logging.getLogger("pdbatch")
 

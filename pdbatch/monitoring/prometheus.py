@@ -2,7 +2,7 @@
 
 Dask's `/metrics` handler serves prometheus_client's default REGISTRY, so a collector
 registered there in the scheduler process shows up next to Dask's own `dask_*` metrics. The
-collector reads pdbatch.monitor's state at scrape time; nothing is computed between scrapes.
+collector reads pdbatch.monitoring.monitor's state at scrape time; nothing is computed between scrapes.
 
 Counters add up over all jobs run on the scheduler (driver totals: the same figures as each
 job's report.json). Per-role metrics (label `role` = prefill | decode) are sums over that

@@ -15,11 +15,11 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .kv_packet import KVPacket
+from ...kv.packet import KVPacket
+from ..request import Request, SequenceOutput
+from ..stopping import StopChecker
 from .model import LoadedModel
-from .sampling import sample_next
-from .sequence import Request, SequenceOutput
-from .stopping import StopChecker
+from .sampler import sample_next
 
 
 def validate_request(req: Request, max_model_len: int) -> str | None:

@@ -1,7 +1,7 @@
 """The Bokeh document behind the dashboard's /pdbatch page: is prefill or decode the
 bottleneck, and how far along is the job?
 
-Everything it shows comes from the scheduler's pdbatch monitor (pdbatch.monitor): each open
+Everything it shows comes from the scheduler's pdbatch monitor (pdbatch.monitoring.monitor): each open
 page polls it once a second and streams only the new time-series points to the browser.
 Data sources carry `name`s (pdbatch-series, pdbatch-roles, ...) so tests and scripts can find
 them in the browser's Bokeh document.

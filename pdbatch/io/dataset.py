@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from ..errors import UserError
 
 SAMPLING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 ROW_ID = "__pdbatch_id"

@@ -1,7 +1,7 @@
 """Progress on the terminal: a live bar (rows, output tokens/s, ETA) redrawn in place when
 stderr is a terminal, a line every 10 s when it is not (logs, pipes), or nothing
 (`--progress bar | log | none`; `auto` picks bar or log). Each display takes the driver's
-snapshots (pdbatch.progress.snapshot)."""
+snapshots (pdbatch.monitoring.progress.snapshot)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import os
 
 import dask
 
-from .config import JobConfig, parse_size
-from .errors import UserError
+from ..config import JobConfig, parse_size
+from ..errors import UserError
 
 # UCX on a CPU host runs over TCP; the memtype-cache warning is harmless noise (DESIGN.md).
 UCX_CPU_ENV = {"UCX_TLS": "tcp", "UCX_WARN_UNUSED_ENV_VARS": "n", "UCX_MEMTYPE_CACHE": "n"}

@@ -15,12 +15,12 @@ import time
 import pyarrow as pa
 from distributed import get_worker, rejoin, secede
 
-from .dataset import ROW_ID
-from .kv_packet import KVPacket, UnitPackets
-from .output import outputs_to_table, unit_summary, write_shard
-from .prompts import RowError, encode_prompt
-from .sampling import SamplingParams, row_seed
-from .sequence import Request, SequenceOutput
+from ..engines.request import Request, SequenceOutput
+from ..engines.sampling import SamplingParams, row_seed
+from ..io.dataset import ROW_ID
+from ..io.output import outputs_to_table, unit_summary, write_shard
+from ..io.prompts import RowError, encode_prompt
+from ..kv.packet import KVPacket, UnitPackets
 from .worker import host
 
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 from distributed import Client, Future, wait
 
-from .config import JobConfig
-from .dataset import ROW_ID, InputPlan, WorkUnit, read_unit
-from .output import OutputDir, outputs_to_table, unit_summary, write_shard
+from ..config import JobConfig
+from ..io.dataset import ROW_ID, InputPlan, WorkUnit, read_unit
+from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
+from ..monitoring.report import RunTotals, build_report
 from .quarantine import Quarantine, Suspect
-from .report import RunTotals, build_report
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
 from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
 

@@ -1,14 +1,14 @@
 """The scheduler side of monitoring: one object that knows how the job is doing.
 
 Two feeds meet here:
-- each worker's `pdbatch` metrics, sent with its heartbeats (pdbatch.metrics), read from
+- each worker's `pdbatch` metrics, sent with its heartbeats (pdbatch.monitoring.metrics), read from
   `scheduler.workers[addr].metrics`;
-- the driver's progress snapshots and new TTFT/TPOT samples (pdbatch.progress), sent to the
+- the driver's progress snapshots and new TTFT/TPOT samples (pdbatch.monitoring.progress), sent to the
   `pdbatch_progress` handler this plugin adds to the scheduler.
 
 Once a second the monitor samples both into a time series (rates over a few seconds, busy
-shares, queue depths, KV in flight) that the dashboard page (pdbatch.dashboard) plots; the
-Prometheus collector (pdbatch.prometheus) reads the same state at scrape time. Counters add up
+shares, queue depths, KV in flight) that the dashboard page (pdbatch.monitoring.dashboard) plots; the
+Prometheus collector (pdbatch.monitoring.prometheus) reads the same state at scrape time. Counters add up
 over every job run on this scheduler, so a long-lived (Slurm) scheduler's counters never go
 back; the `job` snapshot is the current job only.
 
@@ -41,7 +41,7 @@ class Monitor(SchedulerPlugin):
     def __init__(self, sample_every_s: float = 1.0, history: int = 3600, rate_window_s: float = 5.0):
         self.sample_every_s, self.history, self.rate_window_s = sample_every_s, history, rate_window_s
         self.scheduler = None
-        self.job: dict = {}  # the driver's latest snapshot (pdbatch.progress.snapshot)
+        self.job: dict = {}  # the driver's latest snapshot (pdbatch.monitoring.progress.snapshot)
         self.jobs_seen = 0
         self._finished = dict.fromkeys(COUNTERS, 0)  # totals of earlier jobs
         self.ttft, self.tpot = Histogram(), Histogram()

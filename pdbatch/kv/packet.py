@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import IncompatibleKV
-from .sampling import SamplingParams
+from ..engines.sampling import SamplingParams
+from ..errors import IncompatibleKV
 
 
 @dataclass
@@ -144,7 +144,7 @@ def register_dask() -> None:
     dask_serialize.register(UnitPackets)(ser)
     dask_deserialize.register(UnitPackets)(de)
 
-    from .gpu import register_cuda_serialization
+    from .cuda import register_cuda_serialization
 
     register_cuda_serialization(KVPacket, UnitPackets, _items_serializer(("cuda", "dask", "pickle")))
 

@@ -22,8 +22,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
-from .sequence import SequenceOutput
+from ..engines.request import SequenceOutput
+from ..errors import UserError
 
 META_DIR = "_pdbatch"
 SUCCESS = "_SUCCESS"

@@ -1,4 +1,4 @@
-"""Driver-side progress: what the job has done so far, shown on the terminal (pdbatch.terminal)
+"""Driver-side progress: what the job has done so far, shown on the terminal (pdbatch.monitoring.terminal)
 and sent to the scheduler (where the dashboard page and `/metrics` read it).
 
 `JobProgress` is the pipeline's `on_progress` callback (called every loop iteration). It

@@ -36,9 +36,9 @@ class EngineHost(WorkerPlugin):
     def setup(self, worker) -> None:
         import torch
 
-        from .decode import DecodeEngine
-        from .model import load_model
-        from .prefill import PrefillEngine
+        from ..engines.builtin.decode import DecodeEngine
+        from ..engines.builtin.model import load_model
+        from ..engines.builtin.prefill import PrefillEngine
 
         o = self.options
         if o["threads"]:
@@ -59,7 +59,7 @@ class EngineHost(WorkerPlugin):
                                        prefill=self.prefill if o["mode"] == "colocated" else None)
         log.info("pdbatch worker %s ready as %s in %.1fs (%s, %s)", name, "+".join(sorted(self.roles)),
                  time.time() - t0, lm.device, lm.dtype)
-        from .metrics import install_worker_metrics; install_worker_metrics(worker)  # noqa: E702  (monitoring)
+        from ..monitoring.metrics import install_worker_metrics; install_worker_metrics(worker)  # noqa: E702  (monitoring)
 
     def teardown(self, worker) -> None:
         if self.decode is not None:

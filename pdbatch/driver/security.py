@@ -21,7 +21,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # config imports torch; slurm_job uses file_security without it
-    from .config import JobConfig
+    from ..config import JobConfig
 
 CERT_FILES = ("ca.pem", "cert.pem", "key.pem")
 

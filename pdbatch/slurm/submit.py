@@ -2,7 +2,7 @@
 
 The batch script starts a Dask scheduler on the first node, one `srun` step per (node, role)
 running that node's prefill or decode workers (`dask worker`, or `dask cuda worker` with one
-worker per GPU), waits until every worker has registered (pdbatch/slurm_job.py), runs
+worker per GPU), waits until every worker has registered (pdbatch/slurm/job.py), runs
 the driver (`pdbatch run ... --scheduler-file`) and stops the steps when it exits; the job's exit
 code is the driver's. Everything lands in OUT/_pdbatch/: the script (`job.sbatch`, resubmit it
 with `sbatch` to resume), the log (`slurm-JOBID.out`) and the scheduler file.
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import click
 
-from .cluster import LOW_LEVEL_LOG_LENGTH
-from .config import JobConfig, build_config
-from .errors import UserError
-from .output import META_DIR
-from .security import CERT_FILES, write_job_certificates
+from ..config import JobConfig, build_config
+from ..driver.cluster import LOW_LEVEL_LOG_LENGTH
+from ..driver.security import CERT_FILES, write_job_certificates
+from ..errors import UserError
+from ..io.output import META_DIR
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "pdbatch.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "pdbatch.sbatch"  # the repository's slurm/
 SCRIPT_NAME = "job.sbatch"
 LOG_NAME = "slurm-%j.out"
 # `run` options the batch script sets itself, or that mean nothing to a driver on a cluster
@@ -130,7 +130,7 @@ def render_script(cfg: JobConfig, workdir: str | None = None) -> str:
 
     env = []
     if protocol == "ucxx" and not s.gpus_per_node:
-        from .cluster import UCX_CPU_ENV
+        from ..driver.cluster import UCX_CPU_ENV
 
         env.append("# UCX on CPU hosts runs over TCP; the memtype-cache warning is noise")
         env += [f"export {k}={shlex.quote(v)}" for k, v in UCX_CPU_ENV.items()]
@@ -188,7 +188,7 @@ def fill_template(text: str, values: dict[str, str]) -> str:
 
 def driver_command(cfg: JobConfig) -> str:
     """`pdbatch run` with every option of this job that differs from the defaults."""
-    from .cli import run as run_command
+    from ..cli import run as run_command
 
     defaults = asdict(JobConfig())
     values = asdict(cfg)
@@ -342,7 +342,7 @@ def _cli_value(v):
 # The shared `run` options, added last: pdbatch.cli registers `submit` and imports this module at
 # its end, so whichever of the two is imported first, `submit` exists before cli looks for it.
 def _add_job_options(command: click.Command) -> None:
-    from .cli import job_options
+    from ..cli import job_options
 
     holder = job_options(lambda: None)
     own_cluster = {"scheduler_address", "scheduler_file", "dashboard_address"}  # the job starts its own

@@ -2,7 +2,7 @@
 
 `install_worker_metrics(worker)` puts a callable in `worker.metrics["pdbatch"]`; Dask calls it
 on every heartbeat (every 0.5 s on a cluster of up to 10 workers) and the scheduler keeps the
-result in `scheduler.workers[addr].metrics["pdbatch"]`, where pdbatch.monitor reads it. The
+result in `scheduler.workers[addr].metrics["pdbatch"]`, where pdbatch.monitoring.monitor reads it. The
 callable runs on the worker's event loop, so it only reads counters the engines already keep.
 
 The dict is flat, msgpack-friendly, and always has the same keys (zeros where a role is absent):
@@ -42,7 +42,7 @@ def install_worker_metrics(worker) -> None:
 
 
 def worker_metrics(worker) -> dict:
-    from .worker import PLUGIN_NAME
+    from ..driver.worker import PLUGIN_NAME
 
     host = worker.plugins.get(PLUGIN_NAME)
     out = {"roles": sorted(getattr(host, "roles", ()) or ())}
@@ -75,7 +75,7 @@ def _decode(engine) -> dict:
 
 def _tasks(worker) -> dict:
     """Units queued per phase and the KV packets held, from the worker's own task table."""
-    from .kv_packet import KVPacket
+    from ..kv.packet import KVPacket
 
     queues = {"prefill": 0, "decode": 0}
     packets = held = 0

@@ -1,29 +1,14 @@
-"""The pdbatch page on the Dask dashboard, and the scheduler preload that installs it.
-
-Any Dask scheduler gets pdbatch monitoring (the page at `/pdbatch`, `pdbatch_*` metrics on
-`/metrics`) by loading this module as a preload:
-
-    dask scheduler --preload pdbatch.dashboard --scheduler-file sched.json   # Slurm, by hand
-    Scheduler(..., preload=["pdbatch.dashboard"])                            # in Python
-
-`pdbatch run` passes it to its embedded cluster's scheduler. On a scheduler started without
-it, the driver installs the same plugin at job start (pdbatch.monitoring.progress.Publisher), so the page
-appears then; the preload only makes it exist before the first job.
-"""
+"""The pdbatch page on the Dask dashboard: served from the scheduler's dashboard by the monitor
+when it starts (pdbatch.monitoring.monitor; the scheduler preload `pdbatch.dashboard` starts
+the monitor before the first job, or the driver does at job start)."""
 
 from __future__ import annotations
 
+import functools
 import logging
-
-from .monitor import Monitor
 
 PAGE = "/pdbatch"
 log = logging.getLogger("pdbatch.monitor")
-
-
-def dask_setup(scheduler) -> None:
-    """Preload entry point: Dask starts the plugin (and so the page) right after this."""
-    scheduler.add_plugin(Monitor(), idempotent=True)
 
 
 def page_url(dashboard_link: str | None) -> str | None:
@@ -54,8 +39,8 @@ def add_page(scheduler, monitor) -> bool:
     variables = template_variables(scheduler)  # shared by every dashboard page: add a nav link
     if PAGE.strip("/") not in variables["pages"]:
         variables["pages"].append(PAGE.strip("/"))
-    app = BokehApplication({PAGE: pdbatch_doc}, scheduler, prefix=dask_apps[0].prefix,
-                           template_variables=variables)
+    app = BokehApplication({PAGE: functools.partial(pdbatch_doc, monitor)}, scheduler,
+                           prefix=dask_apps[0].prefix, template_variables=variables)
     http.add_application(app)
     app.initialize(IOLoop.current())
     app.start()

@@ -15,7 +15,7 @@ from bokeh.layouts import column, gridplot
 from bokeh.models import ColumnDataSource, DataRange1d, Div, NumeralTickFormatter, Range1d
 from bokeh.plotting import figure
 
-from .monitor import ROLES, find_monitor
+from .metrics import ROLES
 from .terminal import format_eta
 
 UPDATE_MS = 1000
@@ -27,8 +27,10 @@ SERIES = ("prefill_tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s", 
 COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "other": "#2ca02c", "dim": "#9467bd"}
 
 
-def pdbatch_doc(scheduler, extra, doc) -> None:
-    page = PdbatchPage(scheduler)
+def pdbatch_doc(monitor, scheduler, extra, doc) -> None:
+    """Bokeh's page function (the dashboard passes scheduler, extra, doc); `monitor` is the
+    scheduler's pdbatch monitor, bound by pdbatch.monitoring.dashboard.add_page."""
+    page = PdbatchPage(monitor)
     doc.title = "Dask: pdbatch"
     doc.add_root(page.root)
     doc.add_periodic_callback(page.update, UPDATE_MS)
@@ -62,8 +64,8 @@ def _role_label(role: str, workers: int, busy: float) -> str:
 
 
 class PdbatchPage:
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, monitor):
+        self.monitor = monitor
         self.last_time = 0.0
         self.summary = Div(name="pdbatch-summary", text="waiting for a pdbatch job", sizing_mode="stretch_width")
         self.progress = ColumnDataSource({"y": [0], "done": [0.0], "label": [""]}, name="pdbatch-progress")
@@ -137,9 +139,7 @@ class PdbatchPage:
 
     # --- updates -----------------------------------------------------------------------------
     def update(self) -> None:
-        monitor = find_monitor(self.scheduler)
-        if monitor is None:
-            return
+        monitor = self.monitor
         new = [p for p in list(monitor.series) if p["time"] > self.last_time]
         if new:
             self.last_time = new[-1]["time"]

@@ -27,6 +27,7 @@ The dict is flat, msgpack-friendly, and always has the same keys (zeros where a 
 from __future__ import annotations
 
 METRIC_NAME = "pdbatch"
+ROLES = ("prefill", "decode")
 RECENT_STEPS = 32
 _PENDING = ("waiting", "ready", "constrained", "executing", "long-running")
 

@@ -12,8 +12,12 @@ Prometheus collector (pdbatch.monitoring.prometheus) reads the same state at scr
 over every job run on this scheduler, so a long-lived (Slurm) scheduler's counters never go
 back; the `job` snapshot is the current job only.
 
-Installed by the scheduler preload (`--preload pdbatch.dashboard`, which the embedded cluster
-uses) or, on a scheduler started without it, by the driver (`client.register_plugin`).
+Installed by the scheduler preload (`dask_setup` below, loaded as `--preload pdbatch.dashboard`,
+which the embedded cluster uses) or, on a scheduler started without it, by the driver
+(`client.register_plugin`, pdbatch.monitoring.progress), so the page appears at job start.
+
+    dask scheduler --preload pdbatch.dashboard --scheduler-file sched.json   # Slurm, by hand
+    Scheduler(..., preload=["pdbatch.dashboard"])                            # in Python
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from .histogram import Histogram
-from .metrics import METRIC_NAME
+from .metrics import METRIC_NAME, ROLES
 
 MONITOR_NAME = "pdbatch-monitor"
 HANDLER = "pdbatch_progress"
-ROLES = ("prefill", "decode")
 # driver totals of one invocation that become cluster-lifetime counters
 COUNTERS = ("rows_this_run", "rows_failed", "prompt_tokens", "output_tokens", "kv_bytes")
 
@@ -151,6 +154,11 @@ class Monitor(SchedulerPlugin):
 
     def latest(self) -> dict:
         return self.series[-1] if self.series else self.sample()
+
+
+def dask_setup(scheduler) -> None:
+    """Preload entry point: Dask starts the plugin (and so the page) right after this."""
+    scheduler.add_plugin(Monitor(), idempotent=True)
 
 
 def find_monitor(scheduler) -> Monitor | None:

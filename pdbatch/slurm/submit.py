@@ -33,6 +33,7 @@ from ..driver.cluster import LOW_LEVEL_LOG_LENGTH
 from ..driver.security import CERT_FILES, write_job_certificates
 from ..errors import UserError
 from ..io.output import META_DIR
+from ..options import job_params
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "pdbatch.sbatch"  # the repository's slurm/
 SCRIPT_NAME = "job.sbatch"
@@ -188,13 +189,11 @@ def fill_template(text: str, values: dict[str, str]) -> str:
 
 def driver_command(cfg: JobConfig) -> str:
     """`pdbatch run` with every option of this job that differs from the defaults."""
-    from ..cli import run as run_command
-
     defaults = asdict(JobConfig())
     values = asdict(cfg)
     chunks = [shlex.quote(cfg.input), '-o "$OUT"', '--scheduler-file "$SCHEDULER_FILE"',
               '--protocol "$PROTOCOL"', f"--model {shlex.quote(cfg.model)}"]
-    for param in run_command.params:
+    for param in job_params():  # the options of `run` that a job file may set
         name = param.name
         if name in DRIVER_SKIPS or name == "model" or name not in values or values[name] == defaults[name]:
             continue
@@ -339,14 +338,10 @@ def _cli_value(v):
     return v
 
 
-# The shared `run` options, added last: pdbatch.cli registers `submit` and imports this module at
-# its end, so whichever of the two is imported first, `submit` exists before cli looks for it.
+# The shared `run` options go after submit's own (pdbatch/options.py).
 def _add_job_options(command: click.Command) -> None:
-    from ..cli import job_options
-
-    holder = job_options(lambda: None)
     own_cluster = {"scheduler_address", "scheduler_file", "dashboard_address"}  # the job starts its own
-    params = [p for p in reversed(holder.__click_params__) if p.name not in own_cluster]
+    params = [p for p in job_params() if p.name not in own_cluster]
     position = 4  # after JOB_FILE, --input, --output, --overwrite
     command.params[position:position] = params
 

@@ -115,11 +115,12 @@ class Timed:
 def measure_costs(client, n: int = 200) -> dict:
     """Microseconds per call of each periodic monitoring step, measured where it runs."""
     def on_worker(dask_worker=None):
-        from pdbatch.monitoring.metrics import worker_metrics
+        from pdbatch.monitoring.metrics import METRIC_NAME
 
+        metric = dask_worker.metrics[METRIC_NAME]  # as installed, bound to the worker's engine
         t0 = time.perf_counter()
         for _ in range(n):
-            worker_metrics(dask_worker)
+            metric(dask_worker)
         return (time.perf_counter() - t0) / n * 1e6
 
     def on_scheduler(dask_scheduler=None):

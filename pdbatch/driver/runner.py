@@ -8,7 +8,7 @@ import os
 import click
 
 from ..config import JobConfig
-from ..engines.builtin.model import check_model_dir
+from ..engines.model_dir import check_model_dir
 from ..errors import UserError
 from ..io.dataset import plan_input
 from ..io.output import OutputDir

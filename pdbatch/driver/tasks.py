@@ -21,7 +21,7 @@ from ..io.dataset import ROW_ID
 from ..io.output import outputs_to_table, unit_summary, write_shard
 from ..io.prompts import RowError, encode_prompt
 from ..kv.packet import KVPacket, UnitPackets
-from .worker import host
+from .worker import current_engine
 
 
 def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, tokenizer,
@@ -78,20 +78,19 @@ def _row_params(defaults: SamplingParams, row: dict, rid: str) -> SamplingParams
 
 def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> UnitPackets:
     """KV packets (and rows already finished or failed), in row order."""
-    h = host()
-    engine = h.prefill
-    reqs, fails = build_requests(rows, columns, defaults, engine.lm.tokenizer, engine.worker_name,
-                                 vocab_size(engine.lm))
-    results = engine.run([r for r in reqs if r is not None])
+    engine = current_engine()
+    reqs, fails = build_requests(rows, columns, defaults, engine.tokenizer, engine.worker_name,
+                                 engine.vocab_size)
+    results = engine.prefill([r for r in reqs if r is not None])
     it = iter(results)
     return UnitPackets(f if f is not None else next(it) for f in fails)
 
 
 def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:
     """Hand the unit's packets to this worker's long-lived decode engine and wait for them."""
-    h = host()
+    engine = current_engine()
     transfer_s = _transfer_seconds(prefill_key)
-    futs = [h.decode.submit(p, transfer_s) if isinstance(p, KVPacket) else p for p in prefilled]
+    futs = [engine.submit_packet(p, transfer_s) if isinstance(p, KVPacket) else p for p in prefilled]
     secede()  # waiting is not work: free the thread slot while the engine decodes
     try:
         return [f.result() if not isinstance(f, SequenceOutput) else f for f in futs]
@@ -101,20 +100,15 @@ def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:
 
 def generate_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> list[SequenceOutput]:
     """Colocated mode: this worker's single engine does prefill and decode, interleaved."""
-    h = host()
-    reqs, fails = build_requests(rows, columns, defaults, h.decode.lm.tokenizer, h.decode.worker_name,
-                                 vocab_size(h.decode.lm))
-    futs = [h.decode.submit_request(r) if r is not None else f for r, f in zip(reqs, fails)]
+    engine = current_engine()
+    reqs, fails = build_requests(rows, columns, defaults, engine.tokenizer, engine.worker_name,
+                                 engine.vocab_size)
+    futs = [engine.submit_request(r) if r is not None else f for r, f in zip(reqs, fails)]
     secede()
     try:
         return [f.result() if not isinstance(f, SequenceOutput) else f for f in futs]
     finally:
         rejoin()
-
-
-def vocab_size(lm) -> int:
-    """Rows of the input embedding: the ids a token-id prompt may use."""
-    return int(lm.model.get_input_embeddings().num_embeddings)
 
 
 def write_unit(outputs: list[SequenceOutput], keep: pa.Table | None, out_dir: str, unit_id: str) -> dict:

@@ -2,8 +2,9 @@
 
 `install_worker_metrics(worker)` puts a callable in `worker.metrics["pdbatch"]`; Dask calls it
 on every heartbeat (every 0.5 s on a cluster of up to 10 workers) and the scheduler keeps the
-result in `scheduler.workers[addr].metrics["pdbatch"]`, where pdbatch.monitoring.monitor reads it. The
-callable runs on the worker's event loop, so it only reads counters the engines already keep.
+result in `scheduler.workers[addr].metrics["pdbatch"]`, where pdbatch.monitoring.monitor reads
+it. The callable runs on the worker's event loop, so it only reads counters the engine already
+keeps (Engine.stats and Engine.load, pdbatch.engines.base).
 
 The dict is flat, msgpack-friendly, and always has the same keys (zeros where a role is absent):
     roles                    ["prefill"], ["decode"], or both (colocated mode)
@@ -26,49 +27,49 @@ The dict is flat, msgpack-friendly, and always has the same keys (zeros where a 
 
 from __future__ import annotations
 
+import functools
+
+from ..engines.base import EngineStats
+
 METRIC_NAME = "pdbatch"
 ROLES = ("prefill", "decode")
-RECENT_STEPS = 32
 _PENDING = ("waiting", "ready", "constrained", "executing", "long-running")
 
 
-def install_worker_metrics(worker) -> None:
-    """Called once from EngineHost.setup: from then on every heartbeat carries the metrics.
+def install_worker_metrics(worker, engine=None) -> None:
+    """Called once from EngineHost.setup with the worker's engine (None: zeros): from then on
+    every heartbeat carries the metrics.
 
     The dict is replaced, not changed in place: a heartbeat may be iterating over it right now,
     suspended at an async metric (Dask's GPU and RMM metrics are async), and a changed dict
     would make that heartbeat fail and the worker close itself.
     """
-    worker.metrics = {**worker.metrics, METRIC_NAME: worker_metrics}
+    worker.metrics = {**worker.metrics, METRIC_NAME: functools.partial(worker_metrics, engine=engine)}
 
 
-def worker_metrics(worker) -> dict:
-    from ..driver.worker import PLUGIN_NAME
-
-    host = worker.plugins.get(PLUGIN_NAME)
-    out = {"roles": sorted(getattr(host, "roles", ()) or ())}
-    out.update(_prefill(getattr(host, "prefill", None)))
-    out.update(_decode(getattr(host, "decode", None)))
+def worker_metrics(worker, engine=None) -> dict:
+    roles = engine.roles if engine is not None else frozenset()
+    stats = engine.stats() if engine is not None else EngineStats()
+    out = {"roles": sorted(roles)}
+    out.update(_prefill(stats))
+    out.update(_decode(engine.load(), stats) if "decode" in roles else _decode(None, stats))
     out.update(_tasks(worker))
     return out
 
 
-def _prefill(engine) -> dict:
-    if engine is None:
-        return {"prefill_tokens": 0, "prefill_busy_s": 0.0}
-    return {"prefill_tokens": int(engine.tokens_done), "prefill_busy_s": float(engine.busy_s)}
+def _prefill(stats: EngineStats) -> dict:
+    return {"prefill_tokens": int(stats.prefill_tokens), "prefill_busy_s": float(stats.prefill_busy_s)}
 
 
-def _decode(engine) -> dict:
-    if engine is None:
+def _decode(load: dict | None, stats: EngineStats) -> dict:
+    if load is None:
         return {"decode_active": 0, "decode_waiting": 0, "decode_tokens": 0, "decode_steps": 0,
                 "decode_busy_s": 0.0, "decode_step_s": [], "kv_budget_bytes": 0, "kv_used_bytes": 0}
-    load, stats = engine.load(), engine.stats
     return {
         "decode_active": int(load["active"]), "decode_waiting": int(load["queued"]),
-        "decode_tokens": int(stats.tokens), "decode_steps": int(stats.steps),
-        "decode_busy_s": float(stats.busy_s),
-        "decode_step_s": [float(dt) for _, dt in stats.step_log[-RECENT_STEPS:]],
+        "decode_tokens": int(stats.decode_tokens), "decode_steps": int(stats.decode_steps),
+        "decode_busy_s": float(stats.decode_busy_s),
+        "decode_step_s": [float(dt) for dt in stats.recent_step_s],
         "kv_budget_bytes": int(load["kv_budget_bytes"]),
         "kv_used_bytes": int(load["kv_budget_bytes"] - load["kv_free_bytes"]),
     }

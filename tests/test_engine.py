@@ -309,3 +309,46 @@ def test_eos_stop_strings_and_stop_ids(llama):
     for o, p in zip(outs, prompts):
         assert o.output_token_ids == hf_greedy(llama, p, 12, stop_at_eos=True)
         assert (o.finish_reason == "stop") == (eos in o.output_token_ids)
+
+
+def test_builtin_engine_behind_the_seam(llama, llama_dir):
+    """What the worker side sees (pdbatch.engines): a prefill engine's packets decoded by a
+    decode engine, and a colocated one, give Hugging Face's tokens; stats and load add up."""
+    from pdbatch.engines import Engine, create_engine
+    from pdbatch.errors import UserError
+
+    opts = dict(model=llama_dir, dtype="float32", device="cpu", mode="disaggregated", max_batch_tokens=1024,
+                kv_budget_bytes=1 << 28, max_num_seqs=32, max_model_len=0, threads=0, engine="builtin")
+    reqs = greedy_requests(llama, n=10, seed=5)
+    for r in reqs:  # at least one decode step each: every prefill result is a packet
+        r.params.max_new_tokens = max(2, r.params.max_new_tokens)
+    prefill = create_engine("builtin", opts, {"prefill"}, "p0")
+    decode = create_engine("builtin", opts, {"decode"}, "d0")
+    colocated = create_engine("builtin", {**opts, "mode": "colocated"}, {"prefill", "decode"}, "c0")
+    try:
+        assert isinstance(prefill, Engine) and prefill.kind == "builtin" and decode.roles == {"decode"}
+        assert prefill.vocab_size == llama.model.get_input_embeddings().num_embeddings
+        assert prefill.max_model_len == llama.max_model_len and prefill.tokenizer is not None
+        assert prefill.load() == {"active": 0, "queued": 0, "kv_budget_bytes": 0, "kv_free_bytes": 0}
+        packets = prefill.prefill(reqs)
+        assert all(isinstance(p, KVPacket) for p in packets)
+        outs = [f.result(timeout=300) for f in [decode.submit_packet(p, 0.0) for p in packets]]
+        for r, o in zip(reqs, outs):
+            assert o.output_token_ids == hf_greedy(llama, r.prompt_ids, r.params.max_new_tokens)
+            assert (o.prefill_worker, o.decode_worker) == ("p0", "d0")
+        colo = [f.result(timeout=300) for f in [colocated.submit_request(Request(r.id, r.prompt_ids, r.params))
+                                                 for r in reqs]]
+        assert [o.output_token_ids for o in colo] == [o.output_token_ids for o in outs]
+        ps, ds, cs = prefill.stats(), decode.stats(), colocated.stats()
+        assert ps.prefill_tokens == sum(len(r.prompt_ids) for r in reqs) == cs.prefill_tokens
+        assert ps.decode_steps == 0 and ds.prefill_tokens == 0 and ds.kv_packets == len(reqs)
+        assert ds.decode_tokens == sum(len(o.output_token_ids) - 1 for o in outs)  # the first is prefill's
+        assert 0 < len(ds.recent_step_s) <= 32 and 0 < ds.kv_pool_peak_bytes <= ds.kv_budget_bytes == 1 << 28
+        assert decode.load()["kv_budget_bytes"] == 1 << 28
+        with pytest.raises(RuntimeError, match="no decode role"):
+            prefill.submit_packet(packets[0])
+    finally:
+        for e in (prefill, decode, colocated):
+            e.close()
+    with pytest.raises(UserError, match="unknown engine 'nope'"):
+        create_engine("nope", opts, {"prefill"})

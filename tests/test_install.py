@@ -1,5 +1,5 @@
 """What a fresh install relies on: the lock files agree with pyproject.toml, vLLM's CPU build runs
-without the packages the locks leave out."""
+without the packages the locks leave out, and a missing optional extra is a one-line error."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from pipeline_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LOCKS = sorted((REPO / "requirements").glob("*.lock"))
@@ -72,6 +73,32 @@ def test_locks_share_the_tested_versions():
         differ = {n: (v, tested[n]) for n, v in pins.items()
                   if n in tested and v != tested[n] and not n.startswith(("cuda-", "nvidia-"))}
         assert not differ, f"{lock.name} differs from test.lock: {differ}"
+
+
+BLOCK_MATPLOTLIB = """
+import sys
+
+class _NoMatplotlib:
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoMatplotlib())
+"""
+
+
+def test_bench_without_matplotlib_is_a_one_line_error(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(BLOCK_MATPLOTLIB)
+    out = tmp_path / "bench"
+    r = run_cli("bench", "--rows", "2", "--prompt-len", "8", "--output-len", "2", "--out", out, timeout=300,
+                env={"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 2, r.stderr + r.stdout
+    assert r.stderr.strip().splitlines() == ["pdbatch: error: pdbatch bench needs matplotlib for its plots: "
+                                             "pip install 'pdbatch[bench]'"], r.stderr
+    assert not out.exists()  # stopped before any work
 
 
 TINY_VLLM = textwrap.dedent("""

@@ -106,7 +106,7 @@ for i in 0 1; do
     say "${times[-1]}"
     if [ "$i" = 0 ]; then
         # What plain pip made of pyproject.toml's ranges, against the tested pins.
-        "$tmp/venv/bin/python" -m pip freeze --exclude-editable >"$tmp/command1.txt" 2>/dev/null || true
+        "$tmp/venv/bin/python" -m pip freeze --all --exclude-editable >"$tmp/command1.txt" 2>/dev/null || true
         "$tmp/venv/bin/python" "$clone/scripts/lock_drift.py" --label "command 1 (plain pip)" \
             "$clone/requirements/base.lock" "$tmp/command1.txt" || true
     fi

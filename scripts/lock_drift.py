@@ -32,8 +32,11 @@ PIN = re.compile(r"^([A-Za-z0-9._-]+)==(\S+)", re.M)
 
 
 def pins(path: str) -> dict[str, str]:
+    """name -> version; pip itself is never locked (`pip freeze --all` lists it)."""
     with open(path) as f:
-        return {canonicalize_name(m[1]): m[2] for m in PIN.finditer(f.read())}
+        found = {canonicalize_name(m[1]): m[2] for m in PIN.finditer(f.read())}
+    found.pop("pip", None)
+    return found
 
 
 def newest_release(name: str) -> str | None:

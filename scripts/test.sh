@@ -55,6 +55,13 @@ install_debian_packages() {
         apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 }
 
+pip_install() {
+    # Less noise: a pip configured with a local index folder that lacks most packages warns once
+    # for each package it looks up there ("WARNING: Location 'file:...' is ignored").
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" \
+        2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
+
 make_venv() {
     local version
     version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
@@ -69,11 +76,10 @@ make_venv() {
     fi
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
-    local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     echo "test.sh: new venv $VENV: torch==2.13.0, $LOCK (--no-deps), -e . (--no-deps)"
-    "${pip[@]}" torch==2.13.0
-    "${pip[@]}" --no-deps --only-binary :all: -r "$LOCK"
-    "${pip[@]}" --no-deps -e .
+    pip_install torch==2.13.0
+    pip_install --no-deps --only-binary :all: -r "$LOCK"
+    pip_install --no-deps -e .
     # Everything the installed packages need is there, except what the lock leaves out on purpose.
     local check
     check="$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E "requires ($LEFT_OUT), which is not installed" || true)"

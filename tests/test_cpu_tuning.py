@@ -4,6 +4,7 @@ generations against Hugging Face; these check the pieces)."""
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -77,8 +78,10 @@ def test_decode_step_over_ragged_rows_matches_padded_sdpa(llama, plain, monkeypa
         with monkeypatch.context() as m, torch.inference_mode(), cache.step() as (pos, mask):
             if lm is llama:  # count what the tuned model's attention reads
                 m.setattr(attention.F, "scaled_dot_product_attention", spy)
+            # the cache's keyword, as the engines pick it: `cache` from transformers 5.24, before it `past_key_values`
+            cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
             logits.append(lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                   cache=cache).logits[:, -1])
+                                   **{cache_kw: cache}).logits[:, -1])
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)  # summation order only
     padded = len(lens) * (max(lens) + 1)
     assert read and sum(read) // layers < padded  # the tuned model used the per-run path

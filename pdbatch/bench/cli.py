@@ -68,6 +68,11 @@ def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, syste
     """Run one workload through pdbatch (disaggregated and colocated) and the Hugging Face
     baselines (static-batch `generate`, continuous-batching `generate_batch`); check that the
     greedy outputs are equal; write OUT/bench.json, PNG plots and print a table."""
+    try:
+        import matplotlib  # noqa: F401  (the PNG plots; the `bench` extra)
+    except ImportError:
+        raise click.ClickException("pdbatch bench needs matplotlib for its plots: "
+                                   "pip install 'pdbatch[bench]'") from None
     from pdbatch.bench.compare import BenchOptions, run_bench
 
     names = check_systems([s.strip() for s in systems.split(",") if s.strip()])

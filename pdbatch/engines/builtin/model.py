@@ -44,11 +44,7 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"cannot load model config/tokenizer from {path}: {_first_line(e)}") from e
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"{path} is an encoder-decoder model; pdbatch runs decoder-only causal LMs")
-    why = support.refusal(config, max_model_len)
-    if why:
-        raise UserError(refusal_line(path, why))
+    _check_config(path, config, max_model_len)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=torch_dtype, local_files_only=True, attn_implementation=support.attn_implementation(config))
@@ -77,11 +73,20 @@ def check_supported(path: str, max_model_len: int | None = None) -> None:
     """Raise UserError (one line) if the built-in engine would refuse this model; reads only its
     config, so the driver can ask before any worker starts."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config warnings would break the one-line refusal
     try:
         config = AutoConfig.from_pretrained(check_model_dir(path), local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"cannot load model config from {path}: {_first_line(e)}") from e
+    finally:
+        hf_logging.set_verbosity(level)
+    _check_config(path, config, max_model_len)
+
+
+def _check_config(path: str, config, max_model_len: int | None) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{path} is an encoder-decoder model; pdbatch runs decoder-only causal LMs")
     why = support.refusal(config, max_model_len)

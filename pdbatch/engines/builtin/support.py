@@ -35,8 +35,10 @@ import torch
 FULL, SLIDING = "full_attention", "sliding_attention"
 DICT_MASKS = "isinstance(causal_mask_mapping := attention_mask, dict)"
 # rope types whose frequencies depend on the longest position in the forward pass: a batch
-# mixing short and long rows would rotate a short row's keys differently than alone
-DYNAMIC_ROPE = ("dynamic", "longrope")
+# mixing short and long rows would rotate a short row's keys differently than alone. "dynamic"
+# switches past max_position_embeddings only, which pdbatch's context window never exceeds;
+# "longrope" (Phi-3 long-context) switches at original_max_position_embeddings.
+DYNAMIC_ROPE = ("longrope",)
 # model types whose every row's text differs from one-at-a-time transformers for a reason
 # pdbatch's decode cannot fix, with the reason
 REFUSED_TYPES: dict[str, str] = {}

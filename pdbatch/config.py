@@ -125,6 +125,7 @@ class JobConfig:
     # reliability (pdbatch/driver/quarantine.py, docs/security.md)
     worker_timeout: float = 300.0  # s with no worker of a needed role before the job stops (exit 1)
     max_attempts: int = 3  # tries of a unit before its rows are probed one by one (quarantine)
+    stall_timeout: float | None = None  # s without progress before the watchdog acts (None: auto, watchdog.py)
     worker_memory_limit: str = "0"  # embedded workers: the nanny restarts a worker above it; 0: none
     tls: str = "off"  # off | auto (per-job in-memory CA + cert, embedded cluster) | files (tls_*)
     tls_ca_file: str | None = None
@@ -186,6 +187,8 @@ class JobConfig:
     def _validate_reliability(self) -> None:
         if not self.worker_timeout > 0:
             raise UserError(f"--worker-timeout must be > 0 seconds, got {self.worker_timeout}")
+        if self.stall_timeout is not None and not self.stall_timeout > 0:
+            raise UserError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
         if self.max_attempts < 1:
             raise UserError(f"--max-attempts must be >= 1, got {self.max_attempts}")
         parse_size(self.worker_memory_limit)

@@ -46,6 +46,7 @@ def job_options(f):
         click.option("--progress", type=str, help="auto (bar on a terminal, log lines otherwise), bar, log, none."),
         click.option("--worker-timeout", type=float, help="Seconds to wait for a worker of a needed role (after all of them left) before the job stops with exit code 1 (default 300); the output stays resumable."),
         click.option("--max-attempts", type=int, help="Tries of a work unit whose task failed or whose worker died (default 3); then its rows are tried one by one and a row that still fails is quarantined with an error."),
+        click.option("--stall-timeout", type=float, help="Seconds with units in flight and no progress (no task done, no token made) before the driver diagnoses the stuck units and retries them (default: auto, max(180, 10 x the longest quiet gap seen so far))."),
         click.option("--worker-memory-limit", type=str, help="Embedded cluster: memory per worker process, e.g. 16GiB; a worker above it is restarted by its nanny (default 0: no limit)."),
         click.option("--tls", type=str, help="off (default), auto (embedded cluster: a per-job certificate, all traffic over tls://), or files (with --tls-ca-file/--tls-cert/--tls-key)."),
         click.option("--tls-ca-file", type=str, help="CA certificate (PEM) that signed the cluster's certificates; with --tls-cert and --tls-key enables TLS."),

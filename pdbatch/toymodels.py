@@ -180,6 +180,24 @@ def build_gpt2(
     return _build(GPT2LMHeadModel, config, path, seed, tokenizer_dir)
 
 
+def build_family(path: str | Path, model_type: str, *, seed: int = 0,
+                 tokenizer_dir: str | Path | None = None, vocab_size: int | None = None,
+                 **config_kwargs) -> Path:
+    """Build a random model of any transformers causal-LM family (``model_type`` as in
+    config.json: "mistral", "gemma2", "bloom", ...) from ``config_kwargs``, dropout off.
+    Used by the architecture tests (tests/test_model_families.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer_dir = Path(tokenizer_dir or DEFAULT_MODEL_DIR)
+    special = _special_token_ids(tokenizer_dir, vocab_size)
+    config = AutoConfig.for_model(model_type, **special, **config_kwargs)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return _build(cls, config, path, seed, tokenizer_dir)
+
+
 def init_weights(model: PreTrainedModel, seed: int) -> None:
     """Re-draw every parameter of ``model`` as described above, deterministically from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -197,8 +215,10 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
                 fan_in = param.shape[1] if isinstance(module, torch.nn.Linear) else param.shape[0]
                 gain = LOGIT_STD if module is model.get_output_embeddings() else LAYER_GAIN
                 param.normal_(0.0, gain / math.sqrt(fan_in), generator=generator)
-            elif param.dim() == 1:  # RMSNorm / LayerNorm scale
+            elif param.dim() == 1:  # RMSNorm / LayerNorm scale (and attention sinks)
                 param.fill_(1.0)
+            elif param.dim() in (2, 3):  # fused MoE experts [experts, out, in], other matrices
+                param.normal_(0.0, LAYER_GAIN / math.sqrt(param.shape[-1]), generator=generator)
             else:
                 raise TypeError(f"init_weights: no rule for {name} in {type(module).__name__}")
 

@@ -33,11 +33,13 @@ from ..io.dataset import ROW_ID, InputPlan, WorkUnit, read_unit
 from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
 from .quarantine import Quarantine, Suspect
+from .watchdog import Watchdog
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
 from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
 
 log = logging.getLogger("pdbatch")
 
+MAX_FAILURES_REPORTED = 100  # failed attempts listed in report.json (the log has them all)
 RESULT_TIMEOUT_S = 60.0  # fetching a finished task's small result; longer means its holder died
 
 
@@ -84,6 +86,8 @@ class Pipeline:
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
         self.quarantine = Quarantine()
         self.retries = 0
+        self.failures: list[dict] = []  # failed attempts (unit, attempt, error) for report.json
+        self.watchdog = Watchdog(client, getattr(cfg, "stall_timeout", None))
         self.on_progress = on_progress or (lambda pipeline: None)
         self.started = time.time()
         # bytes workers had already served (an existing cluster ran earlier jobs): not this run's
@@ -215,6 +219,9 @@ class Pipeline:
         then its rows go to quarantine (quarantine.py). Nothing of a failed attempt is written:
         its write task is released with it, and only the driver appends to the manifest."""
         self._release(u)
+        self.watchdog.progress()  # the unit starts a fresh wait
+        if len(self.failures) < MAX_FAILURES_REPORTED:
+            self.failures.append({"unit": u.unit.unit_id, "attempt": u.attempt + 1, "error": why})
         u.attempt += 1
         self.retries += 1
         if u.probe is not None:  # a row that failed alone on the cluster: quarantined
@@ -287,6 +294,9 @@ class Pipeline:
                 elif u.phase in ("wait-decode", "wait-room"):
                     self.submit_decode(u)
             stalled_since = self._check_stall(stalled_since)
+            for u, why in self.watchdog.check(self.inflight):  # watchdog.py: stuck, not slow
+                if self.inflight.get(u.unit.unit_id) is u:
+                    self._retry(u, why)
             # only pending futures: a finished prefill stays in u.futures (its KV feeds decode),
             # and waiting on it would return at once and spin this loop
             futures = [f for u in self.inflight.values() for f in u.futures.values() if not f.done()]
@@ -334,17 +344,20 @@ class Pipeline:
             f = failed[0]
             self._retry(u, f"task failed: {f.exception() if f.status == 'error' else 'cancelled'}")
         elif u.phase == "prefill" and u.futures["prefill"].status == "finished":
+            self.watchdog.progress()
             self._end_prefill_load(u)
             self.submit_decode(u)
         elif u.probe is not None and "decode" in u.futures and u.futures["decode"].status == "finished":
             out = self._result(u, "decode")
             if out is not None:
+                self.watchdog.progress()
                 self._release(u)
                 del self.inflight[u.unit.unit_id]
                 self.quarantine.passed(u.probe, out[0])
         elif "write" in u.futures and u.futures["write"].status == "finished":
             summary = self._result(u, "write")
             if summary is not None:
+                self.watchdog.progress()
                 self._record(summary)
                 self._release(u)
                 del self.inflight[u.unit.unit_id]
@@ -371,6 +384,8 @@ class Pipeline:
                               dask_transfer_bytes=int(sum(moved.values())), protocol=self.protocol)
         report["unit_retries"] = self.retries
         report["rows_quarantined"] = self.quarantine.rows_quarantined
+        report["unit_failures"] = self.failures
+        report["stall_bound_s"] = round(self.watchdog.bound(), 1)
         report["worker_memory"] = self._worker_memory()
         self.out.write_report(report)
         if self.totals.rows == self.plan.total_rows:

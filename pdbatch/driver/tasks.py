@@ -21,6 +21,7 @@ from ..io.dataset import ROW_ID
 from ..io.output import outputs_to_table, unit_summary, write_shard
 from ..io.prompts import RowError, encode_prompt
 from ..kv.packet import KVPacket, UnitPackets
+from . import faults
 from .worker import current_engine
 
 
@@ -77,13 +78,35 @@ def _row_params(defaults: SamplingParams, row: dict, rid: str) -> SamplingParams
 
 
 def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> UnitPackets:
-    """KV packets (and rows already finished or failed), in row order."""
+    """KV packets (and rows already finished or failed), in row order. The result is checked to
+    serialize here: a result that cannot travel fails this task (the driver retries the unit),
+    rather than failing later inside Dask's worker-to-worker fetch, where nothing reports it."""
     engine = current_engine()
     reqs, fails = build_requests(rows, columns, defaults, engine.tokenizer, engine.worker_name,
                                  engine.vocab_size)
     results = engine.prefill([r for r in reqs if r is not None])
     it = iter(results)
-    return UnitPackets(f if f is not None else next(it) for f in fails)
+    unit = UnitPackets(f if f is not None else next(it) for f in fails)
+    unit = faults.inject_unserializable(unit, rows.column(ROW_ID).to_pylist())
+    check_serializable(unit)
+    return unit
+
+
+def check_serializable(unit: UnitPackets) -> None:
+    """Serialize `unit` the way a transfer will (cheap: packets become views of their KV, no
+    copy; GPU packets take the "cuda" family, so nothing is staged to the host here)."""
+    from distributed.protocol.serialize import serialize
+
+    on_gpu = any(isinstance(p, KVPacket) and p.kv.device.type == "cuda" for p in unit)
+    families = ("cuda", "dask", "pickle") if on_gpu else ("dask", "pickle")
+    try:  # item by item, as UnitPackets' serializer does (it would turn a failure into a message)
+        for item in unit:
+            serialize(item, serializers=families, on_error="raise")
+    except Exception as e:
+        root = e  # the innermost cause says what broke; Dask's wrappers only say "could not serialize"
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        raise RuntimeError(f"prefill result cannot be serialized: {type(root).__name__}: {root}") from e
 
 
 def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:

@@ -27,4 +27,13 @@ def create_engine(kind: str, options: dict, roles, worker_name: str | None = Non
     return ENGINES[kind]()(options, frozenset(roles), worker_name)
 
 
-__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine"]
+def check_model(kind: str, model: str, max_model_len: int | None = None) -> None:
+    """Before any worker starts: raise UserError (one line) if the engine of `kind` would refuse
+    this model (an engine without such a check accepts it here and decides when it loads)."""
+    if kind == "builtin":
+        from .builtin.model import check_supported
+
+        check_supported(model, max_model_len or None)
+
+
+__all__ = ["ENGINES", "check_model", "Engine", "EngineStats", "create_engine"]

@@ -67,19 +67,28 @@ class KVPacket:
         }
 
     def frame(self) -> memoryview:
-        # A byte view works for every dtype, bf16 included (numpy has no bf16).
-        return memoryview(self.kv.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+        # A flat byte view works for every dtype (bf16 included: numpy has no bf16), every layout
+        # (a non-contiguous tensor is copied once) and zero-length tensors (memoryview.cast
+        # refuses shapes with a zero, so the view is made 1-D by torch, not cast).
+        flat = self.kv.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return memoryview(flat.numpy())
 
     @classmethod
     def from_parts(cls, header: dict, frame) -> "KVPacket":
         view = memoryview(frame)
+        if not view.nbytes:  # torch.frombuffer refuses an empty buffer
+            return cls.from_device_buffer(header, torch.empty(0, dtype=torch.uint8))
         buf = bytearray(view) if view.readonly else view  # torch wants a writable buffer
         return cls.from_device_buffer(header, torch.frombuffer(buf, dtype=torch.uint8))
 
     @classmethod
     def from_device_buffer(cls, header: dict, raw: torch.Tensor) -> "KVPacket":
         """Rebuild from the header and the raw uint8 buffer (host or GPU), without a copy."""
-        kv = raw.view(getattr(torch, header["dtype"])).reshape(header["shape"])
+        dtype = getattr(torch, header["dtype"])
+        if raw.numel() == 0:  # zero-length packet: no bytes to reinterpret
+            kv = torch.empty(header["shape"], dtype=dtype, device=raw.device)
+        else:
+            kv = raw.view(dtype).reshape(header["shape"])
         return cls(seq_id=header["seq_id"], prompt_ids=list(header["prompt_ids"]),
                    first_token=header["first_token"], kv=kv, fingerprint=header["fingerprint"],
                    params=SamplingParams(**header["params"]), arrival_time=header["arrival_time"],

@@ -73,12 +73,15 @@ class decode_step:
 def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                    scaling: float | None = None, **kwargs):
     step = getattr(_current, "step", None)
-    # Outside a decode step, or attention that needs more than "each row's own tokens"
-    # (sliding windows, softcapping, sinks): transformers' own path.
-    special = any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    # Outside a decode step, or attention that needs more than a mask over each row's keys
+    # (softcapping, sinks, position biases): transformers' own path.
+    special = any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
     if step is None or query.shape[2] != 1 or special or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    # a sliding-window layer's mask (the decode step built it windowed) applies to every run
+    windowed = kwargs.get("sliding_window") is not None and attention_mask is not None
+    masks = attention_mask if windowed else step.mask
     n, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     # grouped-query attention without repeating K/V: the heads sharing a KV head become that KV
@@ -86,7 +89,7 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
     q = query.reshape(n, kv_heads, heads // kv_heads, dim)
     out = torch.empty_like(q)
     for a, b, length, ragged in step.runs:
-        mask = step.mask[a:b, :, :, :length] if ragged else None
+        mask = masks[a:b, :, :, :length] if ragged or windowed else None
         out[a:b] = F.scaled_dot_product_attention(q[a:b], key[a:b, :, :length], value[a:b, :, :length],
                                                   attn_mask=mask, scale=scaling)
     return out.reshape(n, heads, 1, dim).transpose(1, 2), None

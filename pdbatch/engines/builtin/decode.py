@@ -27,6 +27,7 @@ from .kv_cache import SlotKVCache
 from .model import LoadedModel
 from .prefill import PrefillEngine, length_buckets, validate_request
 from .sampler import sample_next
+from .support import mask_plan
 
 
 @dataclass
@@ -73,13 +74,9 @@ PREFILL_MIN_FREE_SHARE = 1 / 16
 
 
 def kv_shape(lm: LoadedModel) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) as the model's attention actually produces them."""
-    cfg = lm.model.config
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return layers, kv_heads, head_dim
+    """(layers, kv_heads, head_dim) as the model's attention actually stores them (probed at
+    load: support.probe_kv_shape)."""
+    return lm.kv_shape
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -96,7 +93,8 @@ class DecodeEngine:
         self.prefill = prefill  # set in colocated mode
         self.layers, self.kv_heads, self.head_dim = kv_shape(lm)
         self.cache = SlotKVCache(self.layers, self.kv_heads, self.head_dim, lm.dtype, lm.device,
-                                 kv_budget_bytes, max_num_seqs, len_limit=lm.max_model_len)
+                                 kv_budget_bytes, max_num_seqs, len_limit=lm.max_model_len,
+                                 masks=mask_plan(lm.model))
         self.stops = StopChecker(lm.tokenizer, lm.eos_token_ids)
         self.stats = DecodeStats()
         self.active: list[_Seq] = []  # index == KV slot

@@ -21,12 +21,15 @@ import torch
 from transformers.cache_utils import Cache
 
 from .attention import decode_step
+from .support import FULL, MaskPlan
 
 
 class SlotKVCache(Cache):
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, budget_bytes: int, max_slots: int = 256, len_limit: int = 1 << 20):
+                 device: torch.device, budget_bytes: int, max_slots: int = 256, len_limit: int = 1 << 20,
+                 masks: MaskPlan | None = None):
         super().__init__(layers=[])
+        self.masks = masks or MaskPlan("single", {FULL: None})
         self.num_layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.budget_bytes, self.max_slots, self.len_limit = budget_bytes, max_slots, len_limit
@@ -115,17 +118,41 @@ class SlotKVCache(Cache):
     # --- one decode step -------------------------------------------------------------------
     @contextmanager
     def step(self):
-        """One new token per active sequence: yields position ids [n, 1] and a boolean
-        attention mask [n, 1, 1, L], and tells decode attention each row's real length."""
+        """One new token per active sequence: yields position ids [n, 1] and the attention mask
+        the model takes (support.MaskPlan: a 2-D mask, one 4-D mask [n, 1, 1, L], or a dict of
+        them per layer type), and tells decode attention each row's real length."""
         pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         self._kv_len = max(self.lengths) + 1
         self._rows = torch.arange(self.n, device=self.device)
         self._pos = pos
-        mask = (torch.arange(self._kv_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        j = torch.arange(self._kv_len, device=self.device)[None, :]
+        seen = j <= pos[:, None]  # [n, L]: each row's own tokens, the new one included
+        plan = self.masks
+        if plan.kind == "2d":
+            model_mask = seen.long()
+        else:
+            masks = {t: self._mask4d(seen if w is None else seen & (j > pos[:, None] - w))
+                     for t, w in plan.windows.items()}
+            model_mask = masks if plan.kind == "dict" else next(iter(masks.values()))
         kv_lens = [x + 1 for x in self.lengths]  # the new token included
-        with decode_step(kv_lens, mask):
-            yield pos[:, None], mask
+        with decode_step(kv_lens, seen[:, None, None, :]):
+            yield pos[:, None], model_mask
         self.lengths = kv_lens
+
+    def _mask4d(self, allowed: torch.Tensor) -> torch.Tensor:
+        m = allowed[:, None, None, :]
+        if not self.masks.additive:
+            return m
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(m, zero, torch.finfo(self.dtype).min)
+
+    # transformers' mask builders (the "2d" plan) ask the cache where keys and the query sit:
+    # every row's query comes after all of its keys, and padding is what the 2-D mask removes
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._kv_len, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._kv_len - 1
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n, L = self.n, self._kv_len

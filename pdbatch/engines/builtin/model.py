@@ -11,6 +11,7 @@ import torch
 
 from ...errors import UserError
 from ..model_dir import check_model_dir, model_fingerprint, resolve_device, resolve_dtype
+from . import support
 
 
 @dataclass
@@ -23,6 +24,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int]
+    kv_shape: tuple[int, int, int] = (0, 0, 0)  # (layers, kv_heads, head_dim) as stored (support.py)
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
@@ -42,15 +44,15 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"cannot load model config/tokenizer from {path}: {_first_line(e)}") from e
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"{path} is an encoder-decoder model; pdbatch runs decoder-only causal LMs")
+    _check_config(path, config, max_model_len)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            p, dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa")
+            p, dtype=torch_dtype, local_files_only=True, attn_implementation=support.attn_implementation(config))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load model weights from {path}: {_first_line(e)}") from e
     model.to(dev).eval()
     model.requires_grad_(False)
+    shape = support.probe_kv_shape(model)
     if tuned and dev.type == "cpu":
         tune_for_cpu(model)
 
@@ -59,7 +61,37 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
         ctx = min(ctx, max_model_len)
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(p),
                        path=str(p), device=dev, dtype=torch_dtype, max_model_len=int(ctx),
-                       eos_token_ids=_eos_ids(model, tokenizer))
+                       eos_token_ids=_eos_ids(model, tokenizer), kv_shape=shape)
+
+
+def refusal_line(path: str, why: str) -> str:
+    return (f"the built-in engine cannot run {path} exactly: {why}; "
+            f"use another model or another engine (e.g. --engine vllm)")
+
+
+def check_supported(path: str, max_model_len: int | None = None) -> None:
+    """Raise UserError (one line) if the built-in engine would refuse this model; reads only its
+    config, so the driver can ask before any worker starts."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config warnings would break the one-line refusal
+    try:
+        config = AutoConfig.from_pretrained(check_model_dir(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot load model config from {path}: {_first_line(e)}") from e
+    finally:
+        hf_logging.set_verbosity(level)
+    _check_config(path, config, max_model_len)
+
+
+def _check_config(path: str, config, max_model_len: int | None) -> None:
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{path} is an encoder-decoder model; pdbatch runs decoder-only causal LMs")
+    why = support.refusal(config, max_model_len)
+    if why:
+        raise UserError(refusal_line(path, why))
 
 
 def tune_for_cpu(model) -> None:
@@ -81,7 +113,8 @@ def tune_for_cpu(model) -> None:
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
             transposed = module.weight.detach().t().contiguous()
             module.weight = torch.nn.Parameter(transposed.t(), requires_grad=False)
-    if model.config._attn_implementation == "sdpa":
+    # (classes with their own attention code, e.g. Falcon, keep it: only SDPA-interface models switch)
+    if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
         model.set_attn_implementation(attention.register())
 
 

@@ -120,7 +120,10 @@ class PrefillEngine:
             mask[b, T - lens[b]:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.lm.model.config)
+        # No config: every layer keeps all its keys and values. With the config, sliding-window
+        # layers would keep only their last window (too short for the packet, and decode masks
+        # the window itself: support.py).
+        cache = DynamicCache()
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1

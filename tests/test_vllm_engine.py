@@ -277,3 +277,72 @@ def test_engine_vllm_without_vllm_says_what_to_do(monkeypatch):
     with pytest.raises(UserError, match="not installed") as e:
         settings.check_model("/nonexistent")
     assert "pip install" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- page adapters (pages.py) ------------------------------------------------------------------
+def _kv(n, heads, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, heads, n, d, generator=gen).to(dtype)  # [K/V, heads, tokens, D]
+
+
+@needs_vllm
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_page_adapter_matches_vllms_cache_writer(isa, dtype):
+    import vllm._custom_ops as ops
+
+    from pdbatch.engines.vllm.pages import CPUKTransposedPages, slots_for
+
+    blocks, heads, block_size, d = 4, 2, 32, 64
+    cache = torch.zeros(blocks, heads, block_size, 2 * d, dtype=dtype)
+    key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, d).chunk(2, dim=2)  # as cpu_attn.py
+    kv = _kv(45, heads, d, dtype)
+    slots = slots_for([3, 1], block_size, 7, 52)
+    ops.cpu_attn_reshape_and_cache(kv[0].transpose(0, 1).contiguous(), kv[1].transpose(0, 1).contiguous(),
+                                   key_cache, value_cache, slots, isa)
+    layout = CPUKTransposedPages()
+    assert torch.equal(layout.read(cache, slots), kv)
+    ours = torch.zeros_like(cache)
+    layout.write(ours, slots, kv)
+    assert torch.equal(ours.view(torch.uint8), cache.view(torch.uint8))
+
+
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_logical_page_adapter_reads_what_flash_attention_writes(physical):
+    """FLASH_ATTN / TRITON_ATTN view a layer's [blocks, heads, block_size, 2D] cache as
+    `kv_cache.transpose(1, 2).split(head_dim, -1)` and store token t of slot s at
+    key_cache[s // block_size, s % block_size]; the adapter must agree, whatever the strides."""
+    from pdbatch.engines.vllm.pages import LogicalPages, slots_for
+
+    blocks, heads, block_size, d = 4, 2, 16, 8
+    if physical == "NHD":
+        cache = torch.zeros(blocks, block_size, heads, 2 * d).permute(0, 2, 1, 3)
+    else:
+        cache = torch.zeros(blocks, heads, block_size, 2 * d)
+    key_cache, value_cache = cache.transpose(1, 2).split(d, dim=-1)
+    kv = _kv(21, heads, d, torch.float32)
+    slots = slots_for([2, 0], block_size, 5, 26)
+    for t, s in enumerate(slots.tolist()):
+        key_cache[s // block_size, s % block_size] = kv[0, :, t]
+        value_cache[s // block_size, s % block_size] = kv[1, :, t]
+    layout = LogicalPages()
+    assert torch.equal(layout.read(cache, slots), kv)
+    ours = torch.zeros_like(cache)
+    layout.write(ours, slots, kv)
+    assert torch.equal(ours, cache)
+
+
+def test_unknown_page_layouts_are_refused():
+    from pdbatch.engines.vllm.pages import UnsupportedPageLayout, layout_for
+
+    cache = torch.zeros(2, 2, 32, 128)
+
+    def layer(backend, **kw):
+        return SimpleNamespace(attn_backend=SimpleNamespace(get_name=lambda: backend), **kw)
+
+    for lay, dtype in [(layer("CPU_ATTN", isa="amx"), "auto"), (layer("CPU_ATTN", isa="neon"), "auto"),
+                       (layer("FLASHINFER"), "auto"), (layer("FLASH_ATTN"), "fp8")]:
+        with pytest.raises(UnsupportedPageLayout):
+            layout_for(lay, cache, dtype)
+    assert layout_for(layer("CPU_ATTN", isa="vec"), cache).__class__.__name__ == "CPUKTransposedPages"
+    assert layout_for(layer("FLASH_ATTN"), cache).__class__.__name__ == "LogicalPages"

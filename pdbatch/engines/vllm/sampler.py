@@ -19,7 +19,8 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from ...sampling import SamplingParams, sample_next
+from ..builtin.sampler import sample_next  # the built-in engine's rule, shared
+from ..sampling import SamplingParams
 
 KEY = "pdbatch_sampling"
 

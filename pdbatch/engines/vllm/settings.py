@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ...errors import UserError
-from ...model import check_model_dir
+from ..model_dir import check_model_dir
 
 # Process environment vLLM must see in a pdbatch worker. In-process engine core: the KV
 # connector's scheduler and worker sides and VLLMEngine share module state (connector.py).
@@ -89,7 +89,7 @@ def llm_kwargs(model: str, *, device: str, dtype: str = "auto", max_model_len: i
     """
     import torch
 
-    from ...model import resolve_dtype
+    from ..model_dir import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, torch.device(device))
     kw = dict(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=int(seed),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -73,16 +72,29 @@ def assert_matches_hf(engine, reqs, outs):
 
 
 def in_two_waves(engine, items, submit):
-    """Half now, the rest once the engine is mid-decode: arrivals while others generate."""
+    """Half now, the rest from inside the engine's loop right after its third step, while the
+    first half decodes: arrivals mid-decode however the machine's load delays this thread."""
     half = len(items) // 2
-    futs = [submit(x) for x in items[:half]]
-    steps = engine.counters.steps
-    deadline = time.time() + 120
-    while engine.counters.steps < steps + 3 and time.time() < deadline:
-        time.sleep(0.005)
-    assert any(not f.done() for f in futs), "the second wave must arrive while the first decodes"
-    futs += [submit(x) for x in items[half:]]
-    return [f.result(timeout=300) for f in futs]
+    first, second, unfinished = [], [], []
+    step, calls = engine._core.step, []
+
+    def step_then_second_wave():
+        out = step()
+        calls.append(1)
+        if len(calls) == 3:
+            unfinished.append(sum(not f.done() for f in first))
+            second.extend(submit(x) for x in items[half:])
+        return out
+
+    engine._core.step = step_then_second_wave
+    try:
+        for x in items[:half]:
+            first.append(submit(x))
+        results = [f.result(timeout=300) for f in first]
+    finally:
+        del engine._core.step  # the instance attribute: LLMEngine.step again
+    assert unfinished and unfinished[0] > 0, "the second wave must arrive while the first decodes"
+    return results + [f.result(timeout=300) for f in second]
 
 
 def ship(results):
@@ -270,6 +282,13 @@ def test_a_model_vllm_cannot_run_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="head_dim 16") as e:
         VLLMEngine({"model": str(path), **OPTIONS}, BOTH)
     assert "\n" not in str(e.value) and "--engine builtin" in str(e.value)
+
+
+@needs_vllm
+def test_head_sizes_the_driver_checks_are_vllms():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == settings.CPU_HEAD_SIZES
 
 
 def test_engine_vllm_without_vllm_says_what_to_do(monkeypatch):

@@ -90,6 +90,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, options: dict, roles=BOTH, worker_name: str | None = None):
         o = options
+        settings.prepare_process_env()  # before anything here imports vLLM
         self.roles = frozenset(roles)
         self.worker_name = worker_name
         self.device = settings.resolve_device(o.get("device"))
@@ -121,6 +122,14 @@ class VLLMEngine(Engine):
         self._thread = threading.Thread(target=self._loop, name="pdbatch-vllm", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        settings.check_options(options)
+
+    @classmethod
+    def worker_environment(cls, options: dict) -> dict[str, str]:
+        return settings.worker_environment(options)
+
     # --- construction ----------------------------------------------------------------------
     def _load_hf_side(self, model: str) -> None:
         """Tokenizer, EOS ids, vocabulary size and fingerprint, as the built-in engine sees them."""
@@ -146,9 +155,11 @@ class VLLMEngine(Engine):
 
         from . import connector
 
-        settings.prepare_process_env()
-        if threads and self.device == "cpu":
-            torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker disables it afterwards
+        self._threads = 0
+        if self.device == "cpu":
+            if threads:
+                torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker disables it afterwards
+            self._threads = torch.get_num_threads()
         from vllm import LLM
         from vllm.config import KVTransferConfig
 
@@ -284,6 +295,14 @@ class VLLMEngine(Engine):
         return fut
 
     def _loop(self) -> None:
+        if self._threads:
+            # OpenMP's thread count is per thread: this one, which runs every step, must use the
+            # count vLLM's CPU attention planned with (else its kernels abort: "Check failed:
+            # input->metadata->thread_num == thread_num"). torch._C's own setter: vLLM replaced
+            # torch.set_num_threads with a no-op.
+            import torch
+
+            torch._C.set_num_threads(self._threads)
         while True:
             with self._cv:
                 while not (self._stopped or self._inbox or self._rows):

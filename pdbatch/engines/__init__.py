@@ -25,13 +25,17 @@ def _vllm():
 ENGINES = {"builtin": _builtin, "vllm": _vllm}
 
 
+def engine_class(kind: str) -> type[Engine]:
+    if kind not in ENGINES:
+        raise UserError(f"unknown engine {kind!r} (choose {', '.join(ENGINES)})")
+    return ENGINES[kind]()
+
+
 def create_engine(kind: str, options: dict, roles, worker_name: str | None = None) -> Engine:
     """The engine of `kind` for a worker with `roles`. `options`: model, dtype, device, mode,
     max_batch_tokens, kv_budget_bytes, max_num_seqs, max_model_len, threads (EngineHost's), and
     `engine` (the kind)."""
-    if kind not in ENGINES:
-        raise UserError(f"unknown engine {kind!r} (choose {', '.join(ENGINES)})")
-    return ENGINES[kind]()(options, frozenset(roles), worker_name)
+    return engine_class(kind)(options, frozenset(roles), worker_name)
 
 
-__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine"]
+__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine", "engine_class"]

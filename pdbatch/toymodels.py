@@ -32,6 +32,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -143,6 +145,37 @@ def build_llama(
         **config_kwargs,
     )
     return _build(LlamaForCausalLM, config, path, seed, tokenizer_dir)
+
+
+# Shapes that vLLM's CPU attention accepts (head_dim 64; it takes 32, 64, 80, ... but not 16):
+# build_llama(path, **VLLM_SMALL) or build_qwen2(path, **VLLM_SMALL). 2 layers, 4 query heads
+# sharing 2 KV heads; with the default 4096-token tokenizer ~1.9M parameters.
+VLLM_SMALL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+
+def build_qwen2(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    vocab_size: int | None = None,
+    **config_kwargs,
+) -> Path:
+    """Build a random Qwen2-style model (Llama's layout plus biases on the q/k/v projections,
+    which init_weights zeroes) into ``path``. Arguments are Qwen2Config's, with
+    :data:`VLLM_SMALL`'s shapes by default; see :func:`build_llama` for the rest."""
+    tokenizer_dir = Path(tokenizer_dir or DEFAULT_MODEL_DIR)
+    special = _special_token_ids(tokenizer_dir, vocab_size)
+    config = Qwen2Config(**{**VLLM_SMALL, **config_kwargs}, **special)
+    return _build(Qwen2ForCausalLM, config, path, seed, tokenizer_dir)
 
 
 def build_gpt2(

@@ -103,6 +103,32 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0, sec
     return specs
 
 
+@contextlib.contextmanager
+def engine_pre_spawn_environ(cfg: JobConfig):
+    """The engine's worker environment (Engine.worker_environment: LD_PRELOAD for vLLM on CPU)
+    from each worker process's start. A Nanny's `env=` is applied inside the worker once it
+    runs, too late for LD_PRELOAD; Dask's pre-spawn environment is copied into this process's
+    environment just before the Nanny spawns (and respawns) its worker. This process's own
+    environment is put back once the cluster is up."""
+    from ..engines import engine_class
+
+    extra = engine_class(cfg.engine).worker_environment(cfg.engine_options())
+    if not extra:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in extra}
+    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **extra}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _scheduler_file_address(path: str | None) -> str:
     try:
         with open(path) as f:
@@ -153,8 +179,9 @@ def connect(cfg: JobConfig):
     if security is not None:
         scheduler["options"]["security"] = security
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
-    cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
-                          silence_logs=logging.WARNING, name="pdbatch", security=security)
+    with engine_pre_spawn_environ(cfg):
+        cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
+                              silence_logs=logging.WARNING, name="pdbatch", security=security)
     try:
         client = Client(cluster)
         try:

@@ -8,7 +8,7 @@ import os
 import click
 
 from ..config import JobConfig
-from ..engines import check_model
+from ..engines import engine_class
 from ..engines.model_dir import check_model_dir
 from ..errors import UserError
 from ..io.dataset import plan_input
@@ -26,7 +26,7 @@ def run_job(cfg: JobConfig, echo=None) -> dict:
     if not cfg.input or not cfg.output:
         raise UserError("an input and an output directory are required")
     check_model_dir(cfg.model)  # fail in one line now, not in every worker later
-    check_model(getattr(cfg, "engine", "builtin"), cfg.model, cfg.max_model_len)  # a model it cannot run exactly
+    engine_class(cfg.engine).check_options(cfg.engine_options())  # a model or option it cannot run
     plan = plan_input(cfg.input, prompt_column=cfg.prompt_column, id_column=cfg.id_column,
                       keep_columns=cfg.keep_columns, unit_rows=cfg.unit_rows)
     out = OutputDir(os.path.abspath(cfg.output))

@@ -40,7 +40,9 @@ class EngineHost(WorkerPlugin):
                             engine=engine)
         self.engine: Engine | None = None
 
-    def setup(self, worker) -> None:
+    async def setup(self, worker) -> None:
+        import asyncio
+
         from ..engines import create_engine
         from ..monitoring.metrics import install_worker_metrics
 
@@ -49,7 +51,10 @@ class EngineHost(WorkerPlugin):
         name = str(worker.name)
         # colocated: every worker runs both phases; disaggregated: what its resources say
         roles = {"prefill", "decode"} if o["mode"] == "colocated" else worker_roles(worker.state.total_resources)
-        self.engine = create_engine(o["engine"], o, roles, name)
+        # built in a thread: loading a model (and vLLM's start-up, seconds) must not stall the
+        # worker's event loop (heartbeats, the dashboard, transfers to other workers)
+        self.engine = await asyncio.get_running_loop().run_in_executor(
+            None, create_engine, o["engine"], o, roles, name)
         log.info("pdbatch worker %s ready as %s in %.1fs (%s)", name, "+".join(sorted(roles)),
                  time.time() - t0, self.engine)
         install_worker_metrics(worker, self.engine)

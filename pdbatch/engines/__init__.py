@@ -14,26 +14,28 @@ def _builtin():
     return BuiltinEngine
 
 
+def _vllm():
+    from .vllm import VLLMEngine, require_vllm
+
+    require_vllm()  # one line saying what to install, not an ImportError from inside vLLM
+    return VLLMEngine
+
+
 # kind -> a function returning the Engine class
-ENGINES = {"builtin": _builtin}
+ENGINES = {"builtin": _builtin, "vllm": _vllm}
+
+
+def engine_class(kind: str) -> type[Engine]:
+    if kind not in ENGINES:
+        raise UserError(f"unknown engine {kind!r} (choose {', '.join(ENGINES)})")
+    return ENGINES[kind]()
 
 
 def create_engine(kind: str, options: dict, roles, worker_name: str | None = None) -> Engine:
     """The engine of `kind` for a worker with `roles`. `options`: model, dtype, device, mode,
     max_batch_tokens, kv_budget_bytes, max_num_seqs, max_model_len, threads (EngineHost's), and
     `engine` (the kind)."""
-    if kind not in ENGINES:
-        raise UserError(f"unknown engine {kind!r} (choose {', '.join(ENGINES)})")
-    return ENGINES[kind]()(options, frozenset(roles), worker_name)
+    return engine_class(kind)(options, frozenset(roles), worker_name)
 
 
-def check_model(kind: str, model: str, max_model_len: int | None = None) -> None:
-    """Before any worker starts: raise UserError (one line) if the engine of `kind` would refuse
-    this model (an engine without such a check accepts it here and decides when it loads)."""
-    if kind == "builtin":
-        from .builtin.model import check_supported
-
-        check_supported(model, max_model_len or None)
-
-
-__all__ = ["ENGINES", "check_model", "Engine", "EngineStats", "create_engine"]
+__all__ = ["ENGINES", "Engine", "EngineStats", "create_engine", "engine_class"]

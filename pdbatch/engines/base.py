@@ -77,3 +77,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop; futures still pending get an exception."""
+
+    # --- driver side, before any worker starts (no engine is built) --------------------------
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Raise a one-line UserError for what this engine cannot run (a model, an option)."""
+
+    @classmethod
+    def worker_environment(cls, options: dict) -> dict[str, str]:
+        """Environment variables a worker process needs from its start (before Python runs:
+        e.g. LD_PRELOAD), for clusters pdbatch starts itself."""
+        return {}

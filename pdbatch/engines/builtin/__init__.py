@@ -36,6 +36,13 @@ class BuiltinEngine(Engine):
                 self.lm, kv_budget_bytes=o["kv_budget_bytes"], max_num_seqs=o["max_num_seqs"],
                 worker_name=worker_name, prefill=self.prefill_engine if o["mode"] == "colocated" else None)
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """A model this engine cannot decode exactly is refused before any worker starts."""
+        from .model import check_supported
+
+        check_supported(options["model"], options.get("max_model_len") or None)
+
     def __str__(self) -> str:  # the worker's "ready" log line
         return f"{self.lm.device}, {self.lm.dtype}"
 

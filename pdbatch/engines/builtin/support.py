@@ -21,7 +21,7 @@ A window W lets position p see keys p-W+1..p (transformers' `sliding_window_over
 is boolean for SDPA (and pdbatch's decode attention), additive float for eager attention.
 
 `refusal(config, max_model_len)` is what cannot be made exact; the driver calls it before any
-worker starts (pdbatch.engines.check_model) and the job stops in one line.
+worker starts (BuiltinEngine.check_options) and the job stops in one line.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ class Pipeline:
 
     def _pick_decoder(self, u: _Unit, pool) -> str | None:
         """Rebalancing: the unit's own prefill worker if it decodes now (its KV is there), else
-        the least-loaded decode worker below its fair share of the decode work (rows decoding
+        the least-loaded decode worker, either below its fair share of the decode work (rows decoding
         or waiting for a decoder, over every worker that could decode), so that work stays on
         the driver for a worker that changes role. Within max_num_seqs and the KV budget; a
         worker with nothing to decode always takes a unit (a small budget never stalls the job)."""
@@ -238,7 +238,7 @@ class Pipeline:
             return not units[a] or (rows[a] + n <= min(cap, self.cfg.max_num_seqs)
                                     and self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0))
 
-        if u.prefill_worker in units and fits(u.prefill_worker, self.cfg.max_num_seqs):
+        if u.prefill_worker in units and fits(u.prefill_worker, share):
             return u.prefill_worker
         room = [a for a in pool if fits(a, share)]
         if not room:

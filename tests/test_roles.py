@@ -162,9 +162,18 @@ def test_roles_follow_the_queues():
     # nothing left to prefill and prefilled units wait: idle prefill workers decode, KV holders first
     roles.rebalance_tick(View({"p": 0, "d": 0}, {"x": 4}, {"d": 1}, queued_prefill=0, waiting_decode=1), live, 2.0)
     assert roles.role == {"p": "prefill", "d": "decode", "x": "decode"}
+    # prefill work remains, but a prefilled unit has waited past the patience (a tenth of the
+    # default unit decode time, 2 s): its holder decodes
+    roles.switch("d", "prefill", "test", now=2.5)
+    roles.rebalance_tick(View({"p": 2, "d": 1}, {"x": 4}, {"p": 1}, 3, 1, oldest_wait_s=0.1), live, 2.6)
+    assert roles.role["p"] == "prefill"
+    roles.rebalance_tick(View({"p": 2, "d": 1}, {"x": 4}, {"p": 1}, 3, 1, oldest_wait_s=0.3), live, 2.7)
+    assert roles.role == {"p": "decode", "d": "prefill", "x": "decode"}
+    roles.switch("p", "prefill", "test", now=2.8)
+    roles.switch("d", "decode", "test", now=2.9)
     # a prefill worker with room: nothing moves
     roles.rebalance_tick(View({"p": 1}, {"d": 8, "x": 8}, {}, queued_prefill=1, waiting_decode=0), live, 3.0)
-    assert roles.switch_count == 2
+    assert roles.switch_count == 6
     # no worker prefills, every decoder busy: the least-loaded one switches after the patience
     roles.switch("p", "decode", "test", now=4.0)
     roles.unit_decoded(4.0)  # patience: a quarter of a unit's decode time
@@ -174,7 +183,7 @@ def test_roles_follow_the_queues():
     assert roles.role["d"] == "decode"
     roles.rebalance_tick(view, live, 6.1)
     assert roles.role["d"] == "prefill"
-    assert [s["t_s"] for s in roles.switches] == [1.0, 2.0, 4.0, 6.1]
+    assert [s["t_s"] for s in roles.switches] == [1.0, 2.0, 2.5, 2.7, 2.8, 2.9, 4.0, 6.1]
     assert roles.report()["final"] == {"decode-0": "prefill", "plain": "decode", "prefill-0": "decode"}
 
 

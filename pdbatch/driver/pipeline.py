@@ -64,6 +64,7 @@ class _Unit:
     kv_bytes: int = 0
     futures: dict = field(default_factory=dict)
     decode_started: float = 0.0
+    waiting_since: float = 0.0  # prefilled, waiting for a decoder since (0: not waiting)
     probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
 
 
@@ -183,6 +184,7 @@ class Pipeline:
         pool = self.role_workers("decode")
         if not pool:
             u.phase = "wait-decode"
+            u.waiting_since = u.waiting_since or time.time()
             return False
         pf = u.futures["prefill"]
         if u.phase != "wait-room":  # sized once; the unit may wait here for many loop turns
@@ -193,10 +195,11 @@ class Pipeline:
         w = self._pick_decoder(u, pool) if self.roles.rebalance else self._pick_decoder_fixed(u, pool)
         if w is None:
             u.phase = "wait-room"
+            u.waiting_since = u.waiting_since or time.time()
             return False
         self.decode_kv[w] = self.decode_kv.get(w, 0) + u.kv_bytes
         self.decode_kv_peak[w] = max(self.decode_kv_peak.get(w, 0), self.decode_kv[w])
-        u.phase, u.decode_worker, u.decode_started = "decode", w, time.time()
+        u.phase, u.decode_worker, u.decode_started, u.waiting_since = "decode", w, time.time(), 0.0
         u.futures["decode"] = self._submit(decode_unit, pf, pf.key, phase="decode", u=u, worker=w)
         self._submit_write(u)
         return True
@@ -256,14 +259,17 @@ class Pipeline:
         _, rows = self._decode_units(live)
         held: dict[str, int] = {}
         queued = waiting = 0
+        oldest = now
         for x in self.inflight.values():
             if x.phase == "queued":
                 queued += 1
             elif x.phase in ("wait-room", "wait-decode"):
                 waiting += 1
+                oldest = min(oldest, x.waiting_since or now)
                 held[x.prefill_worker] = held.get(x.prefill_worker, 0) + 1
         self.roles.rebalance_tick(View(prefill_units=dict(self.prefill_load), decode_rows=rows, held=held,
-                                       queued_prefill=queued, waiting_decode=waiting), live, now)
+                                       queued_prefill=queued, waiting_decode=waiting,
+                                       oldest_wait_s=now - oldest), live, now)
 
     def _submit_write(self, u: _Unit) -> None:
         if u.probe is not None:  # a probe's one row comes back to the driver (quarantine.py)
@@ -280,6 +286,7 @@ class Pipeline:
         for f in u.futures.values():
             f.release()
         u.futures, u.kv_bytes, u.prefill_worker, u.decode_worker = {}, 0, None, None
+        u.waiting_since = 0.0
 
     def _end_prefill_load(self, u: _Unit) -> None:
         if u.counted_prefill and u.prefill_worker:

@@ -14,6 +14,11 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
   first, where their KV already is (nothing moves over the network);
+- prefill -> decode, while prefill work remains: a prefilled unit has waited for a decoder
+  longer than a tenth of a unit's measured decode time (every decoder holds its share): the
+  prefill worker holding the most waiting units (then the one with the fewest prefill units in
+  flight) becomes a decode worker. Its first token is out, and the wait counts in the row's
+  time per output token: this keeps decode prompt when prefill is the bottleneck;
 - decode -> prefill: units wait to be prefilled, every prefill worker is full and no prefilled
   unit waits for a decoder: a decode worker with no rows left (drained) becomes a prefill
   worker; if none is drained and no worker prefills at all, the least-loaded decode worker
@@ -64,6 +69,7 @@ class View:
     held: dict[str, int]  # prefilled units waiting for a decoder, by the worker holding their KV
     queued_prefill: int  # units waiting for a prefill worker
     waiting_decode: int  # prefilled units waiting for a decoder
+    oldest_wait_s: float = 0.0  # how long the longest-waiting prefilled unit has waited
 
 
 @dataclass
@@ -138,7 +144,13 @@ class Roles:
             for a in idle[:v.waiting_decode]:
                 self.switch(a, "decode", "nothing to prefill, prefilled units wait for a decoder", now)
             return
-        if not v.queued_prefill or v.waiting_decode:
+        if v.waiting_decode:
+            self._starved_since = None
+            if prefill and v.oldest_wait_s >= 0.1 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S):
+                a = min(prefill, key=lambda a: (-v.held.get(a, 0), v.prefill_units.get(a, 0), self.names.get(a, a)))
+                self.switch(a, "decode", f"a prefilled unit waited {v.oldest_wait_s:.1f}s for a decoder", now)
+            return
+        if not v.queued_prefill:
             self._starved_since = None
             return
         # units wait for prefill and no prefilled unit waits for decode

@@ -64,6 +64,7 @@ class _Unit:
     kv_bytes: int = 0
     futures: dict = field(default_factory=dict)
     decode_started: float = 0.0
+    work: int = 0  # decode work: the rows' max_new_tokens summed (what fair shares weigh)
     waiting_since: float = 0.0  # prefilled, waiting for a decoder since (0: not waiting)
     probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
 
@@ -204,21 +205,22 @@ class Pipeline:
         self._submit_write(u)
         return True
 
-    def _decode_units(self, pool) -> tuple[dict[str, int], dict[str, int]]:
-        """Units and rows routed to each worker of `pool` for decode, not yet written."""
-        units, rows = {a: 0 for a in pool}, {a: 0 for a in pool}
+    def _decode_units(self, pool) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Units, rows and decode work routed to each worker of `pool` for decode, not yet written."""
+        units, rows, work = {a: 0 for a in pool}, {a: 0 for a in pool}, {a: 0 for a in pool}
         for x in self.inflight.values():
             if x.phase == "decode" and x.decode_worker in units:
                 units[x.decode_worker] += 1
                 rows[x.decode_worker] += x.rows.num_rows
-        return units, rows
+                work[x.decode_worker] += x.work
+        return units, rows, work
 
     def _pick_decoder_fixed(self, u: _Unit, pool) -> str | None:
         # Packets wait in the decode worker's memory until its pool has room, outside the pool's
         # budget: cap them at one budget. A worker with fewer than two units always takes one
         # more, however large: the next unit's rows are there to fill the batch while the
         # current unit's last rows finish, and a small budget never stalls the job.
-        units, _ = self._decode_units(pool)
+        units = self._decode_units(pool)[0]
         room = [a for a in pool if units[a] < 2
                 or self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0)]
         if not room:
@@ -227,18 +229,19 @@ class Pipeline:
 
     def _pick_decoder(self, u: _Unit, pool) -> str | None:
         """Rebalancing: the unit's own prefill worker if it decodes now (its KV is there), else
-        the least-loaded decode worker, either below its fair share of the decode work (rows decoding
-        or waiting for a decoder, over every worker that could decode), so that work stays on
+        the least-loaded decode worker, either below its fair share of the decode work (tokens the
+        rows decoding or waiting for a decoder may generate, over every worker that could
+        decode: output lengths differ more than row counts), so that work stays on
         the driver for a worker that changes role. Within max_num_seqs and the KV budget; a
         worker with nothing to decode always takes a unit (a small budget never stalls the job)."""
-        units, rows = self._decode_units(pool)
-        stage = sum(x.rows.num_rows for x in self.inflight.values()
+        units, rows, work = self._decode_units(pool)
+        stage = sum(x.work for x in self.inflight.values()
                     if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
         share = -(-stage // max(1, len(self.live_workers())))
         n = u.rows.num_rows
 
         def fits(a, cap):
-            return not units[a] or (rows[a] + n <= min(cap, self.cfg.max_num_seqs)
+            return not units[a] or (work[a] + u.work <= cap and rows[a] + n <= self.cfg.max_num_seqs
                                     and self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0))
 
         if u.prefill_worker in units and fits(u.prefill_worker, share):
@@ -246,7 +249,7 @@ class Pipeline:
         room = [a for a in pool if fits(a, share)]
         if not room:
             return None
-        return min(room, key=lambda a: (rows[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
+        return min(room, key=lambda a: (work[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
                                         self.names.get(a, a)))
 
     def _rebalance(self) -> None:
@@ -256,7 +259,7 @@ class Pipeline:
             return
         self._last_tick = now
         live = set(self.live_workers())
-        _, rows = self._decode_units(live)
+        rows = self._decode_units(live)[1]
         held: dict[str, int] = {}
         queued = waiting = 0
         oldest = now
@@ -327,7 +330,7 @@ class Pipeline:
             self._record(unit_summary(s.unit.unit.unit_id, s.outputs, "driver"))
             return
         suspect, wu, rows = nxt
-        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect)
+        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect, work=self._work(rows))
         self.inflight[wu.unit_id] = probe
         self.submit_unit(probe)
 
@@ -415,7 +418,20 @@ class Pipeline:
         keep = table.select(self.plan.keep_columns) if self.plan.keep_columns else None
         needed = [c for c in (self.plan.prompt_column, self.plan.messages_column,
                               *self.plan.sampling_columns, ROW_ID) if c]
-        return _Unit(unit=unit, keep=keep, rows=table.select(needed))
+        return _Unit(unit=unit, keep=keep, rows=table.select(needed), work=self._work(table))
+
+    def _work(self, table) -> int:
+        """The unit's decode work for fair shares: its rows' max_new_tokens (column or default)."""
+        default = self.cfg.max_new_tokens
+        if "max_new_tokens" not in self.plan.sampling_columns:
+            return table.num_rows * default
+        total = 0
+        for v in table.column("max_new_tokens").to_pylist():
+            try:
+                total += default if v is None or v != v else max(1, min(int(v), 1 << 20))
+            except (TypeError, ValueError, OverflowError):
+                total += default  # a bad value is that row's error, found on the worker
+        return total
 
     def _advance(self, u: _Unit) -> None:
         failed = [f for f in u.futures.values() if f.status in ("error", "cancelled")]

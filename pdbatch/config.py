@@ -103,8 +103,10 @@ class JobConfig:
     ignore_eos: bool = False
     # cluster and scheduling
     mode: str = "disaggregated"
-    prefill_workers: int = 1
+    prefill_workers: int = 1  # the split the workers start with (rebalancing moves them between roles)
     decode_workers: int = 1
+    workers: int = 0  # 0: prefill_workers + decode_workers; N: split N (the ones not given: half/half)
+    rebalance: bool = True  # move workers between prefill and decode while the job runs (driver/roles.py)
     threads_per_worker: int = 0  # 0: cores / workers
     protocol: str = "auto"  # tcp on CPU, ucxx when GPUs are used
     interface: str | None = None
@@ -120,8 +122,8 @@ class JobConfig:
     max_num_seqs: int = 128
     kv_budget: str = "2GiB"
     rmm_pool_size: str | None = None  # GPU: per-worker RMM pool that torch allocates from
-    unit_rows: int = 128
-    max_inflight_units: int = 0  # 0: 2 x workers + 2
+    unit_rows: int | None = None  # None: sized to the input and the cluster (driver/roles.auto_unit_rows)
+    max_inflight_units: int = 0  # 0: enough units for every decode batch, at least 2 x workers + 2
     overwrite: bool = False
     progress: str = "auto"  # auto | bar | log | none
     # reliability (pdbatch/driver/quarantine.py, docs/security.md)
@@ -160,8 +162,14 @@ class JobConfig:
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                 "memory_limit_bytes": 0 if self.existing_cluster else parse_size(self.worker_memory_limit)}
 
-    def inflight_units(self) -> int:
-        return self.max_inflight_units or 2 * (self.prefill_workers + self.decode_workers) + 2
+    def inflight_units(self, unit_rows: int | None = None, workers: int | None = None) -> int:
+        """Units in flight: --max-inflight-units, else 2 x workers + 2 and at least enough rows to
+        fill every worker's decode batch (max_num_seqs) with units of `unit_rows`."""
+        if self.max_inflight_units:
+            return self.max_inflight_units
+        n = workers or (self.prefill_workers + self.decode_workers)
+        rows = unit_rows or self.unit_rows or 128
+        return max(2 * n + 2, -(-n * self.max_num_seqs // rows))
 
     def result_options(self) -> dict:
         """Options that change the output rows: a resume must use the same ones."""
@@ -185,6 +193,11 @@ class JobConfig:
         for name in ("prefill_workers", "decode_workers", "unit_rows", "max_batch_tokens", "max_num_seqs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.workers and self.prefill_workers + self.decode_workers != self.workers:
+            raise UserError(f"--prefill-workers {self.prefill_workers} and --decode-workers {self.decode_workers} "
+                            f"do not add up to --workers {self.workers}")
         if self.mode == "disaggregated" and not self.existing_cluster \
                 and (self.prefill_workers < 1 or self.decode_workers < 1):
             raise UserError("disaggregated mode needs at least one prefill and one decode worker")
@@ -278,6 +291,7 @@ def build_config(cli_values: dict, job_file: str | None = None) -> JobConfig:
         values["slurm"] = SlurmConfig.from_dict(values["slurm"], f"[slurm] of {job_file}" if job_file else "[slurm]")
     elif "slurm" in values and not isinstance(values["slurm"], SlurmConfig):
         raise UserError(f"slurm must be a table ([slurm]), got {values['slurm']!r}")
+    _resolve_split(values)
     for k in ("keep_columns", "stop"):
         if isinstance(values.get(k), str):
             values[k] = [values[k]]
@@ -290,6 +304,25 @@ def build_config(cli_values: dict, job_file: str | None = None) -> JobConfig:
     _check_types(cfg)
     cfg.validate()
     return cfg
+
+
+def _resolve_split(values: dict) -> None:
+    """--workers N with at most one of --prefill-workers/--decode-workers: the other gets the
+    rest (neither: half and half); all three must add up."""
+    n = values.get("workers")
+    if not n or not isinstance(n, int) or isinstance(n, bool):
+        return
+    p, d = values.get("prefill_workers"), values.get("decode_workers")
+    if p is None and d is None:
+        p = max(1, n // 2)
+    if p is None:
+        p = n - d
+    if d is None:
+        d = n - p
+    if p + d != n or p < 1 or d < 1:
+        raise UserError(f"--workers {n} cannot be split into --prefill-workers {p} and --decode-workers {d} "
+                        f"(each >= 1, adding up to {n})")
+    values["prefill_workers"], values["decode_workers"] = p, d
 
 
 def _check_types(cfg: JobConfig) -> None:

@@ -123,9 +123,17 @@ def test_dashboard_page_shows_a_live_job(tmp_path):
     assert data["pdbatch-progress"]["done"] == [1]
     assert data["pdbatch-progress"]["label"][0].startswith("64/64 rows")
     assert data["pdbatch-roles"]["role"] == ["prefill", "decode"]
-    roles = [label.split(",")[0] for label in data["pdbatch-roles"]["label"]]
-    assert roles == ["prefill: 1 worker", "decode: 1 worker"]
+    # the driver's roles (rebalancing, the default): the two workers, wherever they are now
+    counts = [int(label.split(": ")[1].split(" ")[0]) for label in data["pdbatch-roles"]["label"]]
+    assert sum(counts) == 2 and series["prefill_workers"][-1] + series["decode_workers"][-1] == 2
     assert "pdbatch job" in data["summary"] and "64/64 rows" in data["summary"]
+    # the roles view: every worker's current role, the switch count and each recent switch
+    switches = report["role_switches"]
+    roles_now = data["roles_now"]
+    assert f"rebalancing on, {len(switches)} switches, units of 8 rows" in roles_now
+    assert all(w in roles_now for w in ("prefill-0", "decode-0"))
+    for sw in switches[-20:]:
+        assert f"<td>{sw['worker']}</td><td>{sw['from']} &rarr; {sw['to']}</td>" in roles_now, sw
 
 
 SUMMARY_HAS_JS = "(text) => Bokeh.documents[0].get_model_by_name('pdbatch-summary').text.includes(text)"
@@ -136,7 +144,8 @@ LIVE_DECODE_JS = """() => {
 }"""
 SOURCES_JS = """() => {
     const doc = Bokeh.documents[0];
-    const out = {summary: doc.get_model_by_name('pdbatch-summary').text};
+    const out = {summary: doc.get_model_by_name('pdbatch-summary').text,
+                 roles_now: doc.get_model_by_name('pdbatch-roles-now').text};
     for (const name of ['pdbatch-series', 'pdbatch-roles', 'pdbatch-progress', 'pdbatch-ttft', 'pdbatch-tpot']) {
         const data = doc.get_model_by_name(name).data;
         out[name] = Object.fromEntries(Object.entries(data).map(([k, v]) => [k, Array.from(v)]));
@@ -151,8 +160,9 @@ def test_metrics_equal_the_report_on_a_scheduler_without_the_preload(tmp_path):
     with start_cluster(preload=False) as cluster:
         base = cluster.dashboard_link.rsplit("/", 1)[0]
         assert "pdbatch_" not in http_get(f"{base}/metrics")
-        report = run_job(job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address),
-                         echo=lambda msg: None)
+        # fixed roles: per-role figures are then those of the workers started with each role
+        report = run_job(job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address,
+                                    rebalance=False), echo=lambda msg: None)
         m = prometheus_values(http_get(f"{base}/metrics"))
         assert "Bokeh" in http_get(f"{base}/pdbatch")  # the page came with the monitor
         # engine counters arrive with worker heartbeats (every 0.5 s): wait for the last one
@@ -170,6 +180,7 @@ def test_metrics_equal_the_report_on_a_scheduler_without_the_preload(tmp_path):
     assert m["pdbatch_ttft_seconds_count"] == m["pdbatch_tpot_seconds_count"] == 64
     assert m['pdbatch_ttft_seconds_bucket{le="+Inf"}'] == 64
     assert m['pdbatch_workers{role="prefill"}'] == m['pdbatch_workers{role="decode"}'] == 1
+    assert m["pdbatch_job_role_switches"] == 0
     assert m['pdbatch_engine_tokens_total{role="prefill"}'] == report["prompt_tokens"]
     assert m['pdbatch_engine_tokens_total{role="decode"}'] > 0
     assert m['pdbatch_busy_seconds_total{role="prefill"}'] > 0 and m['pdbatch_busy_seconds_total{role="decode"}'] > 0

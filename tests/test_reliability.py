@@ -91,7 +91,7 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
         expected = expected_for(tiny, prompts)
         driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
                         "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 6,
-                        "--progress", "none")
+                        "--progress", "none", "--no-rebalance")  # fixed roles: the KV waits on prefill-a
         with cluster.client() as client:
             prefill_a = wait_for(lambda: _addresses(client).get("prefill-a"), 60, "prefill-a")
 
@@ -130,7 +130,8 @@ def test_decode_worker_deaths(tmp_path, tiny):
     prompts = make_input(tmp_path / "in.parquet", 128)  # 32 units: enough left when decode-b dies
     out = tmp_path / "out"
     args = ["run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4,
-            "--max-inflight-units", 4, "--worker-timeout", 6, "--progress", "none"]
+            "--max-inflight-units", 4, "--worker-timeout", 6, "--progress", "none",
+            "--no-rebalance"]  # fixed roles: with no decode worker left, the job stops
     cluster = ProcCluster(tmp_path)
     driver = again = None
     try:
@@ -483,6 +484,7 @@ def test_row_that_kills_workers_is_quarantined(tmp_path, fragile_model):
     res = run_cli("run", tmp_path / "in.parquet", "-o", out, "--model", fragile_model, "--max-new-tokens", 8,
                   "--ignore-eos", "--unit-rows", 3, "--max-attempts", 2, "--worker-memory-limit", "1GiB",
                   "--kv-budget", "64MiB", "--prefill-workers", 2, "--worker-timeout", 120, "--progress", "none",
+                  "--no-rebalance",  # fixed roles: the row kills the prefill workers
                   timeout=400)
     assert res.returncode == 0, res.stderr
     rows = {r["id"]: r for r in read_rows(out)}

@@ -62,7 +62,11 @@ def _command() -> str:
 @click.option("--allow-mismatch", type=float, default=0.0, show_default=True,
               help="Share of rows whose greedy output may differ between systems. Keep 0 in float32; bf16/fp16 "
                    "kernels round differently per batch shape and can flip near-ties.")
-@click.option("--unit-rows", type=int, default=0, help="Rows per work unit (default: rows / (4 x workers), at most 128).")
+@click.option("--unit-rows", type=int, default=0, help="Rows per work unit (default: pdbatch run's, at least 4 units per "
+              "worker, at most 128 rows).")
+@click.option("--rebalance/--no-rebalance", default=True, show_default=True,
+              help="Disaggregated run: move workers between prefill and decode as the work needs (pdbatch's default); "
+                   "--no-rebalance keeps the fixed split.")
 @click.option("--hf-batch-size", type=int, default=16, show_default=True, help="Static batch size of hf_generate.")
 def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, systems, **kw):
     """Run one workload through pdbatch (disaggregated and colocated) and the Hugging Face

@@ -15,6 +15,7 @@ from pdbatch.bench.systems import BASELINES, PDBATCH_SYSTEMS, SystemRun, run_bas
 from pdbatch.bench.workloads import (ID_COLUMN, PROMPT_COLUMN, WorkloadSpec, make_workload, token_pool,
                                      warmup_workload, write_input)
 from pdbatch.config import DEFAULT_MODEL, build_config, parse_size
+from pdbatch.driver.roles import auto_unit_rows
 from pdbatch.errors import UserError
 from pdbatch.monitoring.report import percentile
 
@@ -31,7 +32,8 @@ class BenchOptions:
     decode_workers: int = 1
     threads_per_worker: int = 0  # 0: cores / workers
     baseline_threads: int = 0  # 0: workers x threads_per_worker, every core pdbatch uses
-    unit_rows: int = 0  # 0: rows / (4 x workers), so the pipeline has units to overlap
+    unit_rows: int = 0  # 0: pdbatch's own default (driver/roles.auto_unit_rows)
+    rebalance: bool = True  # disaggregated: pdbatch's default, workers move between the roles
     max_batch_tokens: int | None = None  # None: pdbatch's default for the device
     max_num_seqs: int = 64
     kv_budget: str = "1GiB"
@@ -92,10 +94,9 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
     os.makedirs(o.out, exist_ok=True)
     input_path = write_input(work, os.path.join(o.out, "workload.parquet"))
     warm_path = write_input(warmup_workload(work, 2 * o.workers), os.path.join(o.out, "warmup.parquet"))
-    unit_rows = o.unit_rows or min(128, max(1, math.ceil(o.spec.rows / (4 * o.workers))))
-    # Every unit in flight at once: a real job's window (2 x workers + 2 units of 128 rows) holds
-    # far more rows than a decode batch; a small benchmark's small units must not starve it.
-    window = max(2 * o.workers + 2, math.ceil(o.spec.rows / unit_rows))
+    # pdbatch's defaults: the unit size `pdbatch run` picks for this many rows and workers, and
+    # the window it derives from it (enough small units to fill every decode batch)
+    unit_rows = o.unit_rows or auto_unit_rows(o.spec.rows, o.workers)
     info = machine_info()
     echo(f"pdbatch bench: workload {o.spec.name}, {o.spec.rows} rows ({sum(map(len, work.prompts))} prompt / "
          f"{work.output_tokens} output tokens), model {label}, {o.prefill_workers}:{o.decode_workers} workers x "
@@ -108,6 +109,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
 
     args = _engine_args(o, lm, work)
     runs: dict[str, SystemRun] = {}
+    window = None
     for name in o.systems:
         echo(f"  running {name} ...")
         if name in PDBATCH_SYSTEMS:
@@ -115,10 +117,11 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                 "input": input_path, "output": os.path.join(o.out, "runs", name), "model": path,
                 "prompt_column": PROMPT_COLUMN, "id_column": ID_COLUMN, "ignore_eos": True, "temperature": 0.0,
                 "mode": name, "prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
-                "threads_per_worker": threads, "unit_rows": unit_rows, "max_inflight_units": window,
+                "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
                 "max_batch_tokens": o.max_batch_tokens,
                 "max_num_seqs": o.max_num_seqs, "kv_budget": o.kv_budget, "dtype": o.dtype, "device": o.device,
                 "progress": "none", "overwrite": True})
+            window = cfg.inflight_units()
             runs[name] = run_pdbatch(cfg, input_path, warm_path, cfg.output, echo)
         else:
             torch.set_num_threads(baseline_threads)
@@ -149,7 +152,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                   "device": str(lm.device), "parameters": sum(p.numel() for p in lm.model.parameters())},
         "settings": {"prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
                      "colocated_workers": o.workers, "threads_per_worker": threads,
-                     "baseline_threads": baseline_threads, "unit_rows": unit_rows,
+                     "baseline_threads": baseline_threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "max_inflight_units": window, "baseline_kv_budget_mib": args.kv_budget_mib,
                      "max_batch_tokens": o.max_batch_tokens, "max_num_seqs": o.max_num_seqs,

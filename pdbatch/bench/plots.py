@@ -82,6 +82,23 @@ def merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+def role_spans(run: dict, worker: str) -> list[tuple[str, float, float]]:
+    """(role, start, stop) of a worker over a disaggregated run, from its first role and the
+    driver's switches (bench.json `roles`, `role_switches`; seconds from the run's start)."""
+    roles = run.get("roles") or {}
+    role = (roles.get("initial") or {}).get(worker)
+    if role is None:
+        return []
+    spans, t = [], 0.0
+    for s in sorted((s for s in run.get("role_switches") or [] if s["worker"] == worker), key=lambda s: s["t_s"]):
+        at = max(0.0, s["t_s"])
+        if at > t:
+            spans.append((role, t, at))
+        role, t = s["to"], at
+    spans.append((role, t, max(t, run["wall_s"])))
+    return spans
+
+
 def _timeline(runs: dict, title: str, path: str) -> str:
     plt = _plt()
     from matplotlib.patches import Patch
@@ -99,6 +116,12 @@ def _timeline(runs: dict, title: str, path: str) -> str:
                     # transfers and writes are thin bars in the middle of the lane
                     h, off = (0.3, 0.35) if kind in ("transfer", "write") else (0.8, 0.1)
                     ax.broken_barh([(a, b - a) for a, b in spans], (y + off, h), color=COLORS[kind])
+            # the driver's role (rebalancing): a band along the bottom of the lane, a tick per switch
+            for role, a, b in role_spans(run, w):
+                used.add(role)
+                ax.broken_barh([(a, b - a)], (y + 0.0, 0.08), color=COLORS[role], alpha=0.6)
+                if a > 0:
+                    ax.plot([a, a], [y, y + 0.9], color="black", lw=0.6, ls=":")
             busy = run["workers"].get(w, {})
             note = ", ".join(f"{k.split('_')[0]} busy {busy[k]:.1f}s" for k in ("prefill_busy_s", "decode_busy_s")
                              if busy.get(k))
@@ -108,6 +131,9 @@ def _timeline(runs: dict, title: str, path: str) -> str:
         ax.set_xlim(0, run["wall_s"])
         ax.set_ylim(0, len(workers))
         what = "every worker prefills and decodes" if name == "colocated" else "prefill and decode workers"
+        if run.get("roles"):
+            what += (f"; band: the driver's role, {run['roles'].get('switches', 0)} switches (dotted)"
+                     if run["roles"].get("rebalance") else "; fixed roles")
         ax.set_title(f"{name} ({what}; {run['wall_s']:.1f} s)", fontsize=9)
     axes[-1, 0].set_xlabel("seconds from the start of the run")
     fig.legend(handles=[Patch(color=COLORS[k], label=k) for k in COLORS if k in used],

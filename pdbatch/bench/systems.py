@@ -83,7 +83,15 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
     outputs, ttft, tpot = _read_rows(out_dir, plan, cfg.mode, t0, stream.data)
     return SystemRun(outputs, wall, ttft, tpot, cpu, {
         "workers": workers, "timeline": timeline, "pdbatch_report": report,
-        "unit_rows": cfg.unit_rows, "units": len(plan.units), **_repeats(stream.data)})
+        "unit_rows": cfg.unit_rows, "units": len(plan.units), **_roles(report), **_repeats(stream.data)})
+
+
+def _roles(report: dict) -> dict:
+    """The driver's roles over the run (disaggregated): where each worker started and every
+    switch, in seconds from the start of the timed run (the plots draw them under the lanes)."""
+    if "roles" not in report:
+        return {}
+    return {"roles": report["roles"], "role_switches": report.get("role_switches", [])}
 
 
 def _repeats(data: list) -> dict:

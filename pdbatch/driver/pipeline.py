@@ -4,6 +4,11 @@ Scheduling decisions live here, on the client, because tasks with resource restr
 never queued by the Dask scheduler (everything submitted is handed to workers at once):
 - a window of at most `max_inflight_units` units is in flight, so KV in memory stays bounded
   however large the input is;
+- roles are the driver's (roles.py): with rebalancing on (the default) every worker can do both
+  phases and moves between the prefill and the decode queue as the work needs; units then wait
+  on the driver (a prefill worker gets at most roles.PREFILL_DEPTH units, a decode worker at
+  most its fair share of the decode work, its own prefilled units first) so that whichever
+  worker changes role finds work; with rebalancing off, what follows holds as written;
 - a unit's prefill goes to the prefill worker with the fewest units in progress;
 - when its prefill finishes, its decode goes to the decode worker with the most free KV budget
   (its budget minus the KV already routed to it and not yet decoded); when every decode worker
@@ -34,6 +39,7 @@ from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
 from .quarantine import Quarantine, Suspect
 from .watchdog import Watchdog
+from .roles import PREFILL_DEPTH, Roles, View
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
 from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
 
@@ -59,12 +65,15 @@ class _Unit:
     decode_worker: str | None = None
     kv_bytes: int = 0
     futures: dict = field(default_factory=dict)
+    decode_started: float = 0.0
+    work: int = 0  # decode work: the rows' max_new_tokens summed (what fair shares weigh)
+    waiting_since: float = 0.0  # prefilled, waiting for a decoder since (0: not waiting)
     probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
 
 
 class Pipeline:
     def __init__(self, cfg: JobConfig, client: Client, plan: InputPlan, out: OutputDir,
-                 done: dict[str, dict], protocol: str = "tcp", on_progress=None):
+                 done: dict[str, dict], protocol: str = "tcp", on_progress=None, unit_rows_source: str = "option"):
         self.cfg, self.client, self.plan, self.out = cfg, client, plan, out
         self.protocol = protocol
         self.done = done
@@ -87,9 +96,12 @@ class Pipeline:
         self.quarantine = Quarantine()
         self.retries = 0
         self.failures: list[dict] = []  # failed attempts (unit, attempt, error) for report.json
-        self.watchdog = Watchdog(client, getattr(cfg, "stall_timeout", None))
+        self.watchdog = Watchdog(client, cfg.stall_timeout)
         self.on_progress = on_progress or (lambda pipeline: None)
         self.started = time.time()
+        self.unit_rows_source = unit_rows_source
+        self.roles = Roles(rebalance=cfg.rebalance and cfg.mode == "disaggregated", started=self.started)
+        self._last_tick = 0.0
         # bytes workers had already served (an existing cluster ran earlier jobs): not this run's
         self.sent_before = self._sent_bytes()
 
@@ -105,7 +117,7 @@ class Pipeline:
         plugin = EngineHost(model=os.path.abspath(c.model), dtype=c.dtype, device=c.device, mode=c.mode,
                             max_batch_tokens=c.max_batch_tokens, kv_budget_bytes=c.kv_budget_bytes(),
                             max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
-                            threads=threads, engine=c.engine)
+                            threads=threads, engine=c.engine, rebalance=self.roles.rebalance)
         self.client.register_plugin(plugin)
 
     def refresh_workers(self) -> None:
@@ -113,6 +125,7 @@ class Pipeline:
         self.workers = {addr: {"name": str(w.get("name")), "resources": w.get("resources", {}),
                                "status": w.get("status")} for addr, w in info.items()}
         self.names.update({a: w["name"] for a, w in self.workers.items()})
+        self.roles.sync(self.workers)
         new = [a for a in self.workers if a not in self.budgets]
         if new:
             # a worker may die between the two calls (that is what this driver survives), and a
@@ -122,11 +135,20 @@ class Pipeline:
                 if isinstance(s, dict) and s:
                     self.budgets[addr] = s.get("kv_budget_bytes", 0)
 
+    def live_workers(self) -> list[str]:
+        return [a for a, w in self.workers.items() if w["status"] in (None, "running")]
+
     def role_workers(self, role: str) -> list[str]:
+        """Live workers that take `role`'s units now (rebalancing: the driver's roles)."""
         if self.cfg.mode == "colocated":
-            return [a for a in self.workers if self.workers[a]["status"] in (None, "running")]
-        return [a for a, w in self.workers.items() if w["resources"].get(role, 0) > 0
-                and w["status"] in (None, "running")]
+            return self.live_workers()
+        if self.roles.rebalance:
+            return self.roles.pool(role, set(self.live_workers()))
+        return self.resource_workers(role)
+
+    def resource_workers(self, role: str) -> list[str]:
+        """Live workers started with `role` as a resource."""
+        return [a for a in self.live_workers() if self.workers[a]["resources"].get(role, 0) > 0]
 
     # --- submission -------------------------------------------------------------------------
     # Placement is strict (`workers=[w]`): the driver has already picked a worker of the right
@@ -143,6 +165,8 @@ class Pipeline:
         """Start a unit: prefill (disaggregated) or generate (colocated) on the least-busy worker."""
         colocated = self.cfg.mode == "colocated"
         pool = self.role_workers("decode" if colocated else "prefill")
+        if self.roles.rebalance:  # the rest waits on the driver, for whichever worker takes prefill
+            pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH]
         if not pool:
             u.phase = "queued"
             return False
@@ -165,6 +189,7 @@ class Pipeline:
         pool = self.role_workers("decode")
         if not pool:
             u.phase = "wait-decode"
+            u.waiting_since = u.waiting_since or time.time()
             return False
         pf = u.futures["prefill"]
         if u.phase != "wait-room":  # sized once; the unit may wait here for many loop turns
@@ -172,26 +197,86 @@ class Pipeline:
                 u.kv_bytes = int(self.client.nbytes(keys=[pf.key], summary=False).get(pf.key, 0))
             except Exception:  # a missing size only weakens routing, never correctness
                 u.kv_bytes = 0
+        w = self._pick_decoder(u, pool) if self.roles.rebalance else self._pick_decoder_fixed(u, pool)
+        if w is None:
+            u.phase = "wait-room"
+            u.waiting_since = u.waiting_since or time.time()
+            return False
+        self.decode_kv[w] = self.decode_kv.get(w, 0) + u.kv_bytes
+        self.decode_kv_peak[w] = max(self.decode_kv_peak.get(w, 0), self.decode_kv[w])
+        u.phase, u.decode_worker, u.decode_started, u.waiting_since = "decode", w, time.time(), 0.0
+        u.futures["decode"] = self._submit(decode_unit, pf, pf.key, phase="decode", u=u, worker=w)
+        self._submit_write(u)
+        return True
+
+    def _decode_units(self, pool) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Units, rows and decode work routed to each worker of `pool` for decode, not yet written."""
+        units, rows, work = {a: 0 for a in pool}, {a: 0 for a in pool}, {a: 0 for a in pool}
+        for x in self.inflight.values():
+            if x.phase == "decode" and x.decode_worker in units:
+                units[x.decode_worker] += 1
+                rows[x.decode_worker] += x.rows.num_rows
+                work[x.decode_worker] += x.work
+        return units, rows, work
+
+    def _pick_decoder_fixed(self, u: _Unit, pool) -> str | None:
         # Packets wait in the decode worker's memory until its pool has room, outside the pool's
         # budget: cap them at one budget. A worker with fewer than two units always takes one
         # more, however large: the next unit's rows are there to fill the batch while the
         # current unit's last rows finish, and a small budget never stalls the job.
-        units = {a: 0 for a in pool}
-        for x in self.inflight.values():
-            if x.phase == "decode" and x.decode_worker in units:
-                units[x.decode_worker] += 1
+        units = self._decode_units(pool)[0]
         room = [a for a in pool if units[a] < 2
                 or self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0)]
         if not room:
-            u.phase = "wait-room"
-            return False
-        w = max(room, key=lambda a: (self.budgets.get(a, 0) - self.decode_kv.get(a, 0), a))
-        self.decode_kv[w] = self.decode_kv.get(w, 0) + u.kv_bytes
-        self.decode_kv_peak[w] = max(self.decode_kv_peak.get(w, 0), self.decode_kv[w])
-        u.phase, u.decode_worker = "decode", w
-        u.futures["decode"] = self._submit(decode_unit, pf, pf.key, phase="decode", u=u, worker=w)
-        self._submit_write(u)
-        return True
+            return None
+        return max(room, key=lambda a: (self.budgets.get(a, 0) - self.decode_kv.get(a, 0), a))
+
+    def _pick_decoder(self, u: _Unit, pool) -> str | None:
+        """Rebalancing: the unit's own prefill worker if it decodes now (its KV is there), else
+        the least-loaded decode worker, either below its fair share of the decode work (tokens the
+        rows decoding or waiting for a decoder may generate, over every worker that could
+        decode: output lengths differ more than row counts), so that work stays on
+        the driver for a worker that changes role. Within max_num_seqs and the KV budget; a
+        worker with nothing to decode always takes a unit (a small budget never stalls the job)."""
+        units, rows, work = self._decode_units(pool)
+        stage = sum(x.work for x in self.inflight.values()
+                    if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
+        share = -(-stage // max(1, len(self.live_workers())))
+        n = u.rows.num_rows
+
+        def fits(a, cap):
+            return not units[a] or (work[a] + u.work <= cap and rows[a] + n <= self.cfg.max_num_seqs
+                                    and self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0))
+
+        if u.prefill_worker in units and fits(u.prefill_worker, share):
+            return u.prefill_worker
+        room = [a for a in pool if fits(a, share)]
+        if not room:
+            return None
+        return min(room, key=lambda a: (work[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
+                                        self.names.get(a, a)))
+
+    def _rebalance(self) -> None:
+        """Move workers between the roles (roles.py), at most every 0.1 s."""
+        now = time.time()
+        if not self.roles.rebalance or now - self._last_tick < 0.1:
+            return
+        self._last_tick = now
+        live = set(self.live_workers())
+        rows = self._decode_units(live)[1]
+        held: dict[str, int] = {}
+        queued = waiting = 0
+        oldest = now
+        for x in self.inflight.values():
+            if x.phase == "queued":
+                queued += 1
+            elif x.phase in ("wait-room", "wait-decode"):
+                waiting += 1
+                oldest = min(oldest, x.waiting_since or now)
+                held[x.prefill_worker] = held.get(x.prefill_worker, 0) + 1
+        self.roles.rebalance_tick(View(prefill_units=dict(self.prefill_load), decode_rows=rows, held=held,
+                                       queued_prefill=queued, waiting_decode=waiting,
+                                       oldest_wait_s=now - oldest), live, now)
 
     def _submit_write(self, u: _Unit) -> None:
         if u.probe is not None:  # a probe's one row comes back to the driver (quarantine.py)
@@ -208,6 +293,7 @@ class Pipeline:
         for f in u.futures.values():
             f.release()
         u.futures, u.kv_bytes, u.prefill_worker, u.decode_worker = {}, 0, None, None
+        u.waiting_since = 0.0
 
     def _end_prefill_load(self, u: _Unit) -> None:
         if u.counted_prefill and u.prefill_worker:
@@ -251,7 +337,7 @@ class Pipeline:
             self._record(unit_summary(s.unit.unit.unit_id, s.outputs, "driver"))
             return
         suspect, wu, rows = nxt
-        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect)
+        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect, work=self._work(rows))
         self.inflight[wu.unit_id] = probe
         self.submit_unit(probe)
 
@@ -265,8 +351,10 @@ class Pipeline:
         todo = iter([u for u in self.plan.units if u.unit_id not in self.done])
         self.out.remove_strays(set(self.done))
         self.out.clear_success()
-        window = self.cfg.inflight_units()
-        last_refresh = 0.0
+        self.refresh_workers()
+        last_refresh = time.time()
+        window = self.cfg.inflight_units(self.cfg.unit_rows, len(self.workers) or None)
+        self.roles.started = self.started
         stalled_since: float | None = None
         exhausted = False
         while True:
@@ -288,6 +376,7 @@ class Pipeline:
                 continue
             if exhausted and not self.inflight:
                 break
+            self._rebalance()
             for u in list(self.inflight.values()):
                 if u.phase == "queued":
                     self.submit_unit(u)
@@ -314,6 +403,9 @@ class Pipeline:
 
     def _check_stall(self, since: float | None) -> float | None:
         waiting = [u.phase for u in self.inflight.values() if u.phase in ("queued", "wait-decode")]
+        if self.roles.rebalance and self.roles.pool("prefill", set(self.live_workers())) \
+                + self.roles.pool("decode", set(self.live_workers())):
+            waiting = []  # some worker can take either role: rebalancing gives it the work
         if not waiting:
             return None
         since = since or time.time()
@@ -336,7 +428,20 @@ class Pipeline:
         keep = table.select(self.plan.keep_columns) if self.plan.keep_columns else None
         needed = [c for c in (self.plan.prompt_column, self.plan.messages_column,
                               *self.plan.sampling_columns, ROW_ID) if c]
-        return _Unit(unit=unit, keep=keep, rows=table.select(needed))
+        return _Unit(unit=unit, keep=keep, rows=table.select(needed), work=self._work(table))
+
+    def _work(self, table) -> int:
+        """The unit's decode work for fair shares: its rows' max_new_tokens (column or default)."""
+        default = self.cfg.max_new_tokens
+        if "max_new_tokens" not in self.plan.sampling_columns:
+            return table.num_rows * default
+        total = 0
+        for v in table.column("max_new_tokens").to_pylist():
+            try:
+                total += default if v is None or v != v else max(1, min(int(v), 1 << 20))
+            except (TypeError, ValueError, OverflowError):
+                total += default  # a bad value is that row's error, found on the worker
+        return total
 
     def _advance(self, u: _Unit) -> None:
         failed = [f for f in u.futures.values() if f.status in ("error", "cancelled")]
@@ -358,6 +463,7 @@ class Pipeline:
             summary = self._result(u, "write")
             if summary is not None:
                 self.watchdog.progress()
+                self.roles.unit_decoded(time.time() - u.decode_started)
                 self._record(summary)
                 self._release(u)
                 del self.inflight[u.unit.unit_id]
@@ -375,7 +481,8 @@ class Pipeline:
         wall = time.time() - self.started
         self.refresh_workers()
         moved = {a: v - self.sent_before.get(a, 0) for a, v in self._sent_bytes().items()}
-        workers = {"prefill": len(self.role_workers("prefill")), "decode": len(self.role_workers("decode"))}
+        # the split the workers were started with (the driver's roles: report["roles"])
+        workers = {"prefill": len(self.resource_workers("prefill")), "decode": len(self.resource_workers("decode"))}
         if self.cfg.mode == "colocated":
             workers = {"colocated": len(self.role_workers("decode"))}
         report = build_report(self.totals, this_run=self.this_run, wall_s=wall, mode=self.cfg.mode,
@@ -387,6 +494,11 @@ class Pipeline:
         report["unit_failures"] = self.failures
         report["stall_bound_s"] = round(self.watchdog.bound(), 1)
         report["worker_memory"] = self._worker_memory()
+        report["unit_rows"] = self.cfg.unit_rows
+        report["unit_rows_source"] = self.unit_rows_source
+        if self.cfg.mode == "disaggregated":
+            report["roles"] = self.roles.report()
+            report["role_switches"] = self.roles.switches
         self.out.write_report(report)
         if self.totals.rows == self.plan.total_rows:
             self.out.mark_success()

@@ -2,7 +2,8 @@
 model loaded once.
 
 A worker's role comes from the resources it was started with (`prefill=1`, `decode=1`), fixed
-at start (changing resources on a live worker corrupts the scheduler's counts, dask#6677). The
+at start (changing resources on a live worker corrupts the scheduler's counts, dask#6677). With
+rebalancing on, roles are the driver's (driver/roles.py) and every engine does both phases. The
 plugin is registered once by the driver and Dask runs its setup on every worker, including
 workers that join mid-job, so scaling a role needs no restart.
 """
@@ -33,11 +34,11 @@ class EngineHost(WorkerPlugin):
 
     def __init__(self, *, model: str, dtype: str, device: str, mode: str, max_batch_tokens: int,
                  kv_budget_bytes: int, max_num_seqs: int, max_model_len: int, threads: int,
-                 engine: str = "builtin"):
+                 engine: str = "builtin", rebalance: bool = False):
         self.options = dict(model=model, dtype=dtype, device=device, mode=mode,
                             max_batch_tokens=max_batch_tokens, kv_budget_bytes=kv_budget_bytes,
                             max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
-                            engine=engine)
+                            engine=engine, rebalance=rebalance)
         self.engine: Engine | None = None
 
     async def setup(self, worker) -> None:
@@ -49,8 +50,10 @@ class EngineHost(WorkerPlugin):
         o = self.options
         t0 = time.time()
         name = str(worker.name)
-        # colocated: every worker runs both phases; disaggregated: what its resources say
-        roles = {"prefill", "decode"} if o["mode"] == "colocated" else worker_roles(worker.state.total_resources)
+        # colocated, or disaggregated with rebalancing (the driver moves workers between the
+        # roles, driver/roles.py): both phases; otherwise what the worker's resources say
+        both = o["mode"] == "colocated" or o.get("rebalance")
+        roles = {"prefill", "decode"} if both else worker_roles(worker.state.total_resources)
         # built in a thread: loading a model (and vLLM's start-up, seconds) must not stall the
         # worker's event loop (heartbeats, the dashboard, transfers to other workers)
         self.engine = await asyncio.get_running_loop().run_in_executor(

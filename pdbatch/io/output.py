@@ -125,6 +125,15 @@ class OutputDir:
         self.meta = os.path.join(path, META_DIR)
         self.manifest = os.path.join(self.meta, "manifest.jsonl")
 
+    def stored_job(self) -> dict | None:
+        """The job options of the run this directory holds (its `_pdbatch/job.json`), or None."""
+        try:
+            with open(os.path.join(self.meta, "job.json")) as f:
+                job = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return job if isinstance(job, dict) else None
+
     def prepare(self, job: dict, overwrite: bool) -> dict[str, dict]:
         """Create or reopen OUT; returns the ids of units already finished (resume)."""
         if overwrite and os.path.exists(self.path):
@@ -141,9 +150,8 @@ class OutputDir:
             if entries and not os.path.isfile(job_file):
                 raise UserError(f"output directory {self.path} is not empty and holds no pdbatch run; "
                                 f"use --overwrite to replace it")
-            if os.path.isfile(job_file):
-                with open(job_file) as f:
-                    old = json.load(f)
+            old = self.stored_job() if os.path.isfile(job_file) else None
+            if old is not None:
                 if old != job:
                     diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
                     raise UserError(f"output directory {self.path} holds a run with different "

@@ -23,7 +23,7 @@ HISTORY_POINTS = 3600
 SERIES = ("prefill_tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s", "prefill_queue",
           "decode_queue", "decode_active", "decode_waiting", "kv_held_prefill", "kv_held_decode",
           "kv_incoming", "kv_bytes_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
-          "prefill_busy", "decode_busy")
+          "prefill_busy", "decode_busy", "prefill_workers", "decode_workers")
 COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "other": "#2ca02c", "dim": "#9467bd"}
 
 
@@ -63,11 +63,29 @@ def _role_label(role: str, workers: int, busy: float) -> str:
     return f"{role}: {workers} worker{'' if workers == 1 else 's'}, {busy:.0%} busy"
 
 
+def roles_html(job: dict) -> str:
+    """Every worker's current role and the latest switches (newest first), from the job snapshot."""
+    roles = job.get("roles")
+    if not roles:
+        return ""
+    by_role = {r: sorted(w for w, role in roles.items() if role == r) for r in ROLES}
+    now = " &middot; ".join(f"<b>{r}</b> ({len(ws)}): {', '.join(ws) or '-'}" for r, ws in by_role.items())
+    state = "rebalancing on" if job.get("rebalance") else "rebalancing off (fixed split)"
+    rows = "".join(f"<tr><td>{s['t_s']:.1f} s</td><td>{s['worker']}</td><td>{s['from']} &rarr; {s['to']}</td>"
+                   f"<td>{s['reason']}</td></tr>" for s in reversed(job.get("recent_switches") or []))
+    table = (f"<table><tr><th>at</th><th>worker</th><th>switch</th><th>why</th></tr>{rows}</table>"
+             if rows else "")
+    return (f"<div><b>Roles</b> ({state}, {job.get('role_switches', 0)} switches, units of "
+            f"{job.get('unit_rows')} rows): {now}</div>{table}")
+
+
 class PdbatchPage:
     def __init__(self, monitor):
         self.monitor = monitor
         self.last_time = 0.0
         self.summary = Div(name="pdbatch-summary", text="waiting for a pdbatch job", sizing_mode="stretch_width")
+        # the driver's roles now and its latest switches (driver/roles.py)
+        self.roles_now = Div(name="pdbatch-roles-now", text="", sizing_mode="stretch_width")
         self.progress = ColumnDataSource({"y": [0], "done": [0.0], "label": [""]}, name="pdbatch-progress")
         self.roles = ColumnDataSource({"role": list(ROLES), "busy": [0.0, 0.0], "label": ["", ""],
                                        "color": [COLORS[r] for r in ROLES]}, name="pdbatch-roles")
@@ -76,8 +94,9 @@ class PdbatchPage:
         self.time_range = DataRange1d(follow="end", follow_interval=15 * 60 * 1000, range_padding=0)
         self.ttft_fig, self.ttft = _histogram("TTFT distribution (rows)", "pdbatch-ttft")
         self.tpot_fig, self.tpot = _histogram("TPOT distribution (rows)", "pdbatch-tpot")
-        self.root = column(self.summary, self._progress_figure(),
-                           gridplot([[self._roles_figure(), self._throughput_figure()],
+        self.root = column(self.summary, self._progress_figure(), self.roles_now,
+                           gridplot([[self._roles_figure(), self._workers_figure()],
+                                     [self._throughput_figure(), self._busy_figure()],
                                      [self._queue_figure(), self._kv_figure()],
                                      [self._kv_moved_figure(), self._latency_figure()],
                                      [self.ttft_fig, self.tpot_fig]], sizing_mode="stretch_width"),
@@ -99,6 +118,16 @@ class PdbatchPage:
         fig.hbar(y="role", left=0, right="busy", height=0.6, source=self.roles, color="color", alpha=0.7)
         fig.text(x=0.01, y="role", text="label", source=self.roles, text_baseline="middle")
         fig.xaxis.formatter = NumeralTickFormatter(format="0%")
+        return fig
+
+    def _workers_figure(self):
+        return self._lines(_timeseries("Workers per role (rebalancing moves them)", "workers", self.time_range), [
+            ("prefill_workers", "prefill workers"), ("decode_workers", "decode workers")])
+
+    def _busy_figure(self):
+        fig = self._lines(_timeseries("Busy share per role", "share of the role's workers", self.time_range), [
+            ("prefill_busy", "prefill busy"), ("decode_busy", "decode busy")])
+        fig.yaxis.formatter = NumeralTickFormatter(format="0%")
         return fig
 
     def _lines(self, fig, keys_labels):
@@ -153,6 +182,7 @@ class PdbatchPage:
                            "color": [COLORS[r] for r in ROLES],
                            "label": [_role_label(r, latest[f"{r}_workers"], latest[f"{r}_busy"]) for r in ROLES]}
         self.ttft.data, self.tpot.data = monitor.ttft.bars(), monitor.tpot.bars()
+        self.roles_now.text = roles_html(monitor.job)
 
     def _update_summary(self, job: dict, latest: dict) -> None:
         if not job:

@@ -32,6 +32,7 @@ from .histogram import Histogram
 from .metrics import METRIC_NAME, ROLES
 
 MONITOR_NAME = "pdbatch-monitor"
+DECODE_POOL_METRICS = {"kv_budget_bytes": "decode", "kv_used_bytes": "decode"}  # the decode engine's, by name
 HANDLER = "pdbatch_progress"
 # driver totals of one invocation that become cluster-lifetime counters
 COUNTERS = ("rows_this_run", "rows_failed", "prompt_tokens", "output_tokens", "kv_bytes")
@@ -91,18 +92,30 @@ class Monitor(SchedulerPlugin):
     # --- worker feed -----------------------------------------------------------------------
     def roles(self) -> dict[str, dict]:
         """Per role: worker count and the sum of each numeric worker metric; `decode_step_s`
-        is the list of recent decode step times of all decode workers."""
+        is the list of recent decode step times of all decode workers.
+
+        A worker's role is the driver's (the job snapshot's `roles`, driver/roles.py: with
+        rebalancing, every engine does both phases and the driver moves workers between them),
+        else its engine's. Metrics named prefill_* / decode_* count towards that phase whatever
+        the worker's role now (a worker that just switched still finishes its rows); the others
+        (KV held, incoming) towards the worker's role; the decode KV pool's towards decode."""
         out = {r: {"workers": 0, "decode_step_s": []} for r in ROLES}
+        driver_roles = self.job.get("roles") or {}
         for ws in list(self.scheduler.workers.values()) if self.scheduler else ():
             m = (ws.metrics or {}).get(METRIC_NAME) or {}
             roles = m.get("roles") or [r for r in ROLES if (ws.resources or {}).get(r, 0) > 0]
+            if str(ws.name) in driver_roles:
+                roles = [driver_roles[str(ws.name)]]
             for role in roles:
-                agg = out.setdefault(role, {"workers": 0, "decode_step_s": []})
-                agg["workers"] += 1
-                for k, v in m.items():
-                    if isinstance(v, (int, float)):
-                        agg[k] = agg.get(k, 0) + v
-                agg["decode_step_s"] += m.get("decode_step_s") or []
+                out.setdefault(role, {"workers": 0, "decode_step_s": []})["workers"] += 1
+            for k, v in m.items():
+                if not isinstance(v, (int, float)):
+                    continue
+                phase = DECODE_POOL_METRICS.get(k) or k.split("_", 1)[0]
+                for role in [phase] if phase in ROLES else roles:
+                    agg = out.setdefault(role, {"workers": 0, "decode_step_s": []})
+                    agg[k] = agg.get(k, 0) + v
+            out["decode"]["decode_step_s"] += m.get("decode_step_s") or []
         return out
 
     # --- time series -----------------------------------------------------------------------
@@ -119,6 +132,7 @@ class Monitor(SchedulerPlugin):
             "rows": self.job.get("rows", 0),
             # gauges
             "prefill_workers": p["workers"], "decode_workers": d["workers"],
+            "role_switches": self.job.get("role_switches", 0),
             "prefill_queue": p.get("prefill_queue", 0), "decode_queue": d.get("decode_queue", 0),
             "decode_active": d.get("decode_active", 0), "decode_waiting": d.get("decode_waiting", 0),
             "kv_held_prefill": p.get("kv_held_bytes", 0), "kv_held_decode": d.get("kv_held_bytes", 0),

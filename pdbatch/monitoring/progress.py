@@ -35,6 +35,9 @@ def snapshot(pipeline) -> dict:
         "rows_this_run": r.rows, "rows_failed": r.errors, "prompt_tokens": r.prompt_tokens,
         "output_tokens": r.output_tokens, "kv_bytes": r.kv_bytes,
         "output_tokens_per_s": r.output_tokens / elapsed, "eta_s": eta,
+        "unit_rows": pipeline.cfg.unit_rows,
+        # the driver's roles (driver/roles.py): worker name -> role, and the latest switches
+        **(pipeline.roles.snapshot() if pipeline.cfg.mode == "disaggregated" else {}),
     }
 
 

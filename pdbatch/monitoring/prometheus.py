@@ -65,6 +65,8 @@ def collect_monitor(monitor):
     yield gauge("job_rows_done", "Rows done in the current job (resumed units included)", job.get("rows", 0))
     yield gauge("job_rows_expected", "Rows in the current job's input", job.get("rows_expected", 0))
     yield gauge("job_units_inflight", "Work units in flight in the current job", job.get("units_inflight", 0))
+    yield gauge("job_role_switches", "Workers the driver moved between prefill and decode in the current job",
+                job.get("role_switches", 0))
     if job.get("eta_s") is not None:
         yield gauge("job_eta_seconds", "Estimated seconds until the current job finishes", job["eta_s"])
 

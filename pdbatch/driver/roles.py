@@ -1,0 +1,183 @@
+"""Prefill and decode roles: a driver-side notion, decided per worker and changed while the job runs.
+
+A worker's Dask resources (`prefill=1` / `decode=1`) are fixed at its start (dask#6677), and the
+driver already places every task on an address of its choosing, so a role here is only "which
+queue this worker takes its next unit from". With rebalancing on, every worker's engine is built
+for both phases (worker.EngineHost), and the driver moves workers between the two queues:
+
+- the queues live on the driver, not on the workers: a prefill worker gets at most
+  PREFILL_DEPTH units at a time (one running, one ready), and a decode worker takes another
+  unit only while it holds less than its fair share of the decode work (rows decoding or
+  waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
+  its KV budget; what no worker has taken yet can go to whichever worker changes role;
+- prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
+  prefill queue is empty: the window is full of prefilled units, or the input is done) while
+  prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
+  first, where their KV already is (nothing moves over the network);
+- prefill -> decode, while prefill work remains: a prefilled unit has waited for a decoder
+  longer than a tenth of a unit's measured decode time (every decoder holds its share): the
+  prefill worker holding the most waiting units (then the one with the fewest prefill units in
+  flight) becomes a decode worker. Its first token is out, and the wait counts in the row's
+  time per output token: this keeps decode prompt when prefill is the bottleneck;
+- decode -> prefill: units wait to be prefilled, every prefill worker is full and no prefilled
+  unit waits for a decoder: a decode worker with no rows left (drained) becomes a prefill
+  worker; if none is drained and no worker prefills at all, the least-loaded decode worker
+  switches after a patience of a quarter of a unit's measured decode time (its remaining rows
+  finish in its engine alongside the prefill, as in colocated mode).
+
+Between the two, both queues can never be starved at once while the other has work, and a
+worker switches only when it would otherwise idle (or, for the fallback, when prefill would).
+The rules read only counts the driver keeps (O(workers + units in flight) per tick), move at
+most as many workers as there is work for, and need nothing from any engine beyond the seam:
+they hold for many workers over several nodes as for two on one host. Rates are measured as
+the job runs (how long units take to decode) instead of a calibration before it starts: that
+costs no start-up time, follows the job's own prompts as they change, and works for any engine.
+
+With rebalancing off, the split is exactly the one the workers were started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..monitoring.metrics import ROLES
+
+log = logging.getLogger("pdbatch")
+
+PREFILL_DEPTH = 2  # prefill units handed to one worker at once: one running, one ready
+DEFAULT_UNIT_DECODE_S = 2.0  # patience basis before any unit was decoded
+SWITCH_LOG_CAP = 2000  # switches kept for the report (the count is always exact)
+DEFAULT_UNIT_ROWS_CAP = 128  # the largest automatic unit: a decode batch's worth, a sensible resume grain
+UNITS_PER_WORKER = 4
+
+
+def auto_unit_rows(total_rows: int, workers: int, cap: int = DEFAULT_UNIT_ROWS_CAP) -> int:
+    """Rows per unit when --unit-rows is not given: at least UNITS_PER_WORKER units per worker, so
+    prefill and decode overlap from the first unit and every worker gets work early, whatever
+    the input size; at most `cap` rows (big inputs: few manifest entries, a resume loses little)."""
+    return max(1, min(cap, -(-max(total_rows, 1) // (UNITS_PER_WORKER * max(1, workers)))))
+
+
+@dataclass
+class View:
+    """What the driver knows this tick, by worker address."""
+    prefill_units: dict[str, int]  # prefill tasks handed to each worker, not yet finished
+    decode_rows: dict[str, int]  # rows routed to each worker for decode, not yet written
+    held: dict[str, int]  # prefilled units waiting for a decoder, by the worker holding their KV
+    queued_prefill: int  # units waiting for a prefill worker
+    waiting_decode: int  # prefilled units waiting for a decoder
+    oldest_wait_s: float = 0.0  # how long the longest-waiting prefilled unit has waited
+
+
+@dataclass
+class Roles:
+    rebalance: bool
+    started: float = field(default_factory=time.time)
+    role: dict[str, str] = field(default_factory=dict)  # address -> role
+    names: dict[str, str] = field(default_factory=dict)
+    initial: dict[str, str] = field(default_factory=dict)  # worker name -> its first role
+    switches: list[dict] = field(default_factory=list)
+    switch_count: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=20))  # for the dashboard
+    unit_decode_s: float | None = None  # moving average of a unit's decode time
+    _starved_since: float | None = None
+
+    # --- membership ---------------------------------------------------------------------------
+    def sync(self, workers: dict[str, dict]) -> None:
+        """Take in workers that joined (their role from their resources) and forget those gone."""
+        for addr in [a for a in self.role if a not in workers]:
+            del self.role[addr]
+        for addr, w in workers.items():
+            if addr in self.role:
+                continue
+            res = w.get("resources") or {}
+            have = [r for r in ROLES if res.get(r, 0) > 0]
+            if len(have) == 1:
+                role = have[0]
+            elif self.rebalance:  # no role resource (a plain `dask worker`): the rarer role
+                role = min(ROLES, key=lambda r: (sum(v == r for v in self.role.values()), r))
+            else:
+                continue  # without rebalancing, a worker without a role resource takes no work
+            self.role[addr] = role
+            self.names[addr] = w["name"]
+            self.initial.setdefault(w["name"], role)
+
+    def pool(self, role: str, live) -> list[str]:
+        return [a for a, r in self.role.items() if r == role and a in live]
+
+    def by_name(self) -> dict[str, str]:
+        return {self.names.get(a, a): r for a, r in sorted(self.role.items(), key=lambda x: self.names.get(x[0], x[0]))}
+
+    def count(self) -> dict[str, int]:
+        return {r: sum(v == r for v in self.role.values()) for r in ROLES}
+
+    # --- measurements -------------------------------------------------------------------------
+    def unit_decoded(self, seconds: float) -> None:
+        a = self.unit_decode_s
+        self.unit_decode_s = seconds if a is None else 0.8 * a + 0.2 * seconds
+
+    # --- switching ----------------------------------------------------------------------------
+    def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        frm = self.role[addr]
+        self.role[addr] = to
+        self.switch_count += 1
+        entry = {"t_s": round(now - self.started, 3), "worker": self.names.get(addr, addr),
+                 "from": frm, "to": to, "reason": reason}
+        if len(self.switches) < SWITCH_LOG_CAP:
+            self.switches.append(entry)
+        self.recent.append(entry)
+        log.info("pdbatch: worker %s %s -> %s (%s)", entry["worker"], frm, to, reason)
+
+    def rebalance_tick(self, v: View, live, now: float | None = None) -> None:
+        if not self.rebalance:
+            return
+        now = time.time() if now is None else now
+        prefill, decode = self.pool("prefill", live), self.pool("decode", live)
+        if v.waiting_decode and not v.queued_prefill:
+            self._starved_since = None
+            idle = [a for a in prefill if not v.prefill_units.get(a)]
+            idle.sort(key=lambda a: (-v.held.get(a, 0), self.names.get(a, a)))  # KV holders first
+            for a in idle[:v.waiting_decode]:
+                self.switch(a, "decode", "nothing to prefill, prefilled units wait for a decoder", now)
+            return
+        if v.waiting_decode:
+            self._starved_since = None
+            if prefill and v.oldest_wait_s >= 0.1 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S):
+                a = min(prefill, key=lambda a: (-v.held.get(a, 0), v.prefill_units.get(a, 0), self.names.get(a, a)))
+                self.switch(a, "decode", f"a prefilled unit waited {v.oldest_wait_s:.1f}s for a decoder", now)
+            return
+        if not v.queued_prefill:
+            self._starved_since = None
+            return
+        # units wait for prefill and no prefilled unit waits for decode
+        if any(v.prefill_units.get(a, 0) < PREFILL_DEPTH for a in prefill):
+            self._starved_since = None
+            return  # a prefill worker has room: the units go there this tick
+        need = -(-v.queued_prefill // PREFILL_DEPTH)
+        drained = sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
+        for a in drained[:need]:
+            self.switch(a, "prefill", "decode drained, units wait for prefill", now)
+        if drained or prefill or not decode:
+            self._starved_since = None
+            return
+        self._starved_since = self._starved_since or now
+        patience = 0.25 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S)
+        if now - self._starved_since >= patience:
+            a = min(decode, key=lambda a: (v.decode_rows.get(a, 0), self.names.get(a, a)))
+            self.switch(a, "prefill", f"no worker prefills and units wait for prefill for {patience:.1f}s", now)
+            self._starved_since = None
+
+    # --- report -------------------------------------------------------------------------------
+    def report(self) -> dict:
+        return {"rebalance": self.rebalance, "initial": dict(sorted(self.initial.items())),
+                "final": self.by_name(), "switches": self.switch_count,
+                "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3)}
+
+    def snapshot(self) -> dict:
+        """For the dashboard (monitoring/progress.snapshot): current roles and recent switches."""
+        return {"roles": self.by_name(), "role_switches": self.switch_count, "recent_switches": list(self.recent),
+                "rebalance": self.rebalance}

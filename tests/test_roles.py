@@ -1,0 +1,227 @@
+"""Work units sized to the job, and prefill/decode roles moved while it runs (issue 17).
+
+The job tests run the real `pdbatch run` on its embedded cluster of separate worker processes
+and compare every row with Hugging Face greedy `generate`, one prompt at a time. The rules of
+driver/roles.py and the dashboard's roles view are also checked on their own, without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fixtures_models import hf_greedy
+from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli
+
+from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
+from pdbatch.engines.builtin.model import load_model
+from pdbatch.monitoring.dashboard_page import roles_html
+from pdbatch.monitoring.monitor import Monitor
+
+NEW = 40  # tokens per row, EOS ignored: decode outweighs prefill, so prefill runs dry and roles move
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)  # the references: one thread is much faster than two fighting the cluster
+    return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+
+
+def make_input(path, n: int) -> list[str]:
+    prompts = [f"Row {i}: a few words about the number {i}." for i in range(n)]
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    return prompts
+
+
+def expected(tiny, prompts, n: int = NEW) -> dict[str, list[int]]:
+    return {f"in.parquet:{i}": hf_greedy(tiny, tiny.tokenizer(p)["input_ids"], n) for i, p in enumerate(prompts)}
+
+
+def outputs(out) -> dict[str, list[int]]:
+    rows = read_rows(out)
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
+    return {r["id"]: r["output_token_ids"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def sixty(tmp_path_factory, tiny):
+    """The 60-row input of the issue and its HF references."""
+    tmp = tmp_path_factory.mktemp("sixty")
+    prompts = make_input(tmp / "in.parquet", 60)
+    return tmp, expected(tiny, prompts)
+
+
+# --- unit sizing --------------------------------------------------------------------------------
+
+def test_auto_unit_rows_rule():
+    assert auto_unit_rows(60, 2) == 8  # 8 units: 4 per worker
+    assert auto_unit_rows(60, 16) == 1  # every worker gets work early on a big cluster
+    assert auto_unit_rows(3, 2) == 1 and auto_unit_rows(0, 2) == 1
+    assert auto_unit_rows(10**6, 64) == 128  # big inputs: a decode batch's worth, the resume grain
+
+
+def test_sixty_rows_are_several_units_and_a_resume_keeps_the_size(sixty, tmp_path):
+    inp, want = sixty[0] / "in.parquet", sixty[1]
+    out = tmp_path / "out"
+    args = ["run", inp, "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--progress", "none"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    r = read_report(out)
+    assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (8, 8, "auto")  # not one unit of 60
+    assert "60 rows in 8 units of 8 rows (auto" in res.stderr
+    assert outputs(out) == want
+    assert json.loads((out / "_pdbatch" / "job.json").read_text())["unit_rows"] == 8  # the bookkeeping
+    # a crash lost the last three units; the rerun has 4 workers (auto would now pick 4 rows)
+    manifest = out / "_pdbatch" / "manifest.jsonl"
+    entries = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    kept, lost = entries[:5], entries[5:]
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    (out / "_SUCCESS").unlink()
+    res = run_cli(*args, "--workers", 4)
+    assert res.returncode == 0, res.stderr
+    r = read_report(out)
+    assert (r["unit_rows"], r["unit_rows_source"], r["units_resumed"]) == (8, "resumed", 5)
+    assert r["rows_this_run"] == sum(e["rows"] for e in lost) and sorted(manifest_units(out)) == \
+        sorted(e["unit"] for e in entries)
+    assert outputs(out) == want and (out / "_SUCCESS").exists()
+    # an explicit --unit-rows wins (on a new output directory)
+    res = run_cli("run", inp, "-o", tmp_path / "explicit", "--max-new-tokens", 4, "--ignore-eos", "--unit-rows", 25,
+                  "--progress", "none")
+    assert res.returncode == 0, res.stderr
+    r = read_report(tmp_path / "explicit")
+    assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (3, 25, "option")
+
+
+# --- rebalancing ----------------------------------------------------------------------------------
+
+def test_rebalancing_moves_workers_and_outputs_stay_identical(sixty, tmp_path):
+    """Defaults (1 prefill + 1 decode worker to start, rebalancing on): the decode worker
+    prefills while units wait for prefill, the prefill worker decodes the units it holds once
+    nothing is left to prefill; every row still equals HF generate token for token, and each
+    row records who did which phase."""
+    out = tmp_path / "out"
+    res = run_cli("run", sixty[0] / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos",
+                  "--progress", "none")
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == sixty[1]
+    r = read_report(out)
+    roles, switches = r["roles"], r["role_switches"]
+    assert roles["rebalance"] is True and roles["initial"] == {"decode-0": "decode", "prefill-0": "prefill"}
+    assert roles["switches"] == len(switches) > 0
+    moves = {(s["worker"], s["from"], s["to"]) for s in switches}
+    assert ("decode-0", "decode", "prefill") in moves and ("prefill-0", "prefill", "decode") in moves, switches
+    assert all(s["reason"] and s["t_s"] >= 0 for s in switches)
+    assert [s["t_s"] for s in switches] == sorted(s["t_s"] for s in switches)
+    # both phases happened on both workers, and the rows say so
+    assert set(r["rows_by_prefill_worker"]) == set(r["rows_by_decode_worker"]) == {"prefill-0", "decode-0"}
+    rows = read_rows(out)
+    assert {(x["prefill_worker"], x["decode_worker"]) for x in rows} >= {("prefill-0", "prefill-0"),
+                                                                          ("decode-0", "decode-0")}
+    assert r["workers"] == {"prefill": 1, "decode": 1}  # the split the workers started with
+
+
+def test_fixed_split_without_rebalancing_never_switches(sixty, tmp_path):
+    """--prefill-workers/--decode-workers with rebalancing off (here from a job file's
+    `rebalance = false`) is exactly that split: no switch, every row prefilled on a prefill
+    worker and decoded on a decode worker, KV moved for every row."""
+    job = tmp_path / "job.toml"
+    job.write_text("rebalance = false\nprefill_workers = 1\ndecode_workers = 1\n")
+    out = tmp_path / "out"
+    res = run_cli("run", sixty[0] / "in.parquet", "-o", out, "--config", job, "--max-new-tokens", NEW,
+                  "--ignore-eos", "--progress", "none")
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == sixty[1]
+    r = read_report(out)
+    assert r["roles"]["rebalance"] is False and r["roles"]["switches"] == 0 and r["role_switches"] == []
+    assert r["roles"]["final"] == r["roles"]["initial"] == {"decode-0": "decode", "prefill-0": "prefill"}
+    assert r["rows_by_prefill_worker"] == {"prefill-0": 60} and r["rows_by_decode_worker"] == {"decode-0": 60}
+    assert r["kv_bytes_moved"] > 0
+
+
+# --- the rules on their own -------------------------------------------------------------------------
+
+def _roles(rebalance=True) -> tuple[Roles, set]:
+    roles = Roles(rebalance=rebalance, started=0.0)
+    roles.sync({"p": {"name": "prefill-0", "resources": {"prefill": 1}},
+                "d": {"name": "decode-0", "resources": {"decode": 1}},
+                "x": {"name": "plain", "resources": {}}})
+    return roles, {"p", "d", "x"}
+
+
+def test_roles_follow_the_queues():
+    roles, live = _roles()
+    assert roles.role == {"p": "prefill", "d": "decode", "x": "decode"}  # no role resource: the rarer role
+    full = {"p": PREFILL_DEPTH}
+    # units wait for prefill, the prefill worker is full, decode has nothing waiting: the drained
+    # decode workers prefill (as many as the queue needs)
+    roles.rebalance_tick(View(full, {"x": 4}, {}, queued_prefill=2, waiting_decode=0), live, now=1.0)
+    assert roles.role == {"p": "prefill", "d": "prefill", "x": "decode"}
+    # nothing left to prefill and prefilled units wait: idle prefill workers decode, KV holders first
+    roles.rebalance_tick(View({"p": 0, "d": 0}, {"x": 4}, {"d": 1}, queued_prefill=0, waiting_decode=1), live, 2.0)
+    assert roles.role == {"p": "prefill", "d": "decode", "x": "decode"}
+    # prefill work remains, but a prefilled unit has waited past the patience (a tenth of the
+    # default unit decode time, 2 s): its holder decodes
+    roles.switch("d", "prefill", "test", now=2.5)
+    roles.rebalance_tick(View({"p": 2, "d": 1}, {"x": 4}, {"p": 1}, 3, 1, oldest_wait_s=0.1), live, 2.6)
+    assert roles.role["p"] == "prefill"
+    roles.rebalance_tick(View({"p": 2, "d": 1}, {"x": 4}, {"p": 1}, 3, 1, oldest_wait_s=0.3), live, 2.7)
+    assert roles.role == {"p": "decode", "d": "prefill", "x": "decode"}
+    roles.switch("p", "prefill", "test", now=2.8)
+    roles.switch("d", "decode", "test", now=2.9)
+    # a prefill worker with room: nothing moves
+    roles.rebalance_tick(View({"p": 1}, {"d": 8, "x": 8}, {}, queued_prefill=1, waiting_decode=0), live, 3.0)
+    assert roles.switch_count == 6
+    # no worker prefills, every decoder busy: the least-loaded one switches after the patience
+    roles.switch("p", "decode", "test", now=4.0)
+    roles.unit_decoded(4.0)  # patience: a quarter of a unit's decode time
+    view = View({}, {"p": 8, "d": 2, "x": 8}, {}, queued_prefill=1, waiting_decode=0)
+    roles.rebalance_tick(view, live, 5.0)
+    roles.rebalance_tick(view, live, 5.5)
+    assert roles.role["d"] == "decode"
+    roles.rebalance_tick(view, live, 6.1)
+    assert roles.role["d"] == "prefill"
+    assert [s["t_s"] for s in roles.switches] == [1.0, 2.0, 2.5, 2.7, 2.8, 2.9, 4.0, 6.1]
+    assert roles.report()["final"] == {"decode-0": "prefill", "plain": "decode", "prefill-0": "decode"}
+
+
+def test_without_rebalancing_roles_never_move():
+    roles, live = _roles(rebalance=False)
+    assert roles.role == {"p": "prefill", "d": "decode"}  # a worker without a role resource takes no work
+    for view in (View({"p": PREFILL_DEPTH}, {}, {}, 5, 0), View({"p": 0}, {"d": 4}, {"p": 3}, 0, 3)):
+        roles.rebalance_tick(view, live, 1.0)
+    assert roles.switch_count == 0 and roles.switches == []
+
+
+def test_dashboard_roles_view_and_monitor_counts():
+    """The page's roles text (current roles, every recent switch) and the monitor's per-role
+    worker counts come from the driver's roles, not from the engines (which all do both)."""
+    job = {"job": "j", "roles": {"prefill-0": "decode", "decode-0": "decode"}, "role_switches": 1,
+           "rebalance": True, "unit_rows": 8,
+           "recent_switches": [{"t_s": 3.2, "worker": "prefill-0", "from": "prefill", "to": "decode",
+                                "reason": "nothing to prefill, prefilled units wait for a decoder"}]}
+    html = roles_html(job)
+    assert "rebalancing on, 1 switches" in html and "<b>decode</b> (2): decode-0, prefill-0" in html
+    assert "prefill-0" in html and "prefill &rarr; decode" in html and "3.2 s" in html
+    assert "fixed split" in roles_html({**job, "rebalance": False})
+
+    class WS:
+        def __init__(self, name, tokens):
+            self.name, self.resources = name, {}
+            self.metrics = {"pdbatch": {"roles": ["decode", "prefill"], "prefill_tokens": tokens,
+                                        "decode_tokens": 5, "kv_held_bytes": 100}}
+
+    class Sched:
+        workers = {"a": WS("prefill-0", 30), "b": WS("decode-0", 12)}
+
+    mon = Monitor()
+    mon.scheduler = Sched()
+    mon.receive(job)
+    roles = mon.roles()
+    assert (roles["prefill"]["workers"], roles["decode"]["workers"]) == (0, 2)
+    assert roles["prefill"]["prefill_tokens"] == 42 and roles["decode"]["decode_tokens"] == 10
+    assert roles["decode"]["kv_held_bytes"] == 200 and "kv_held_bytes" not in roles["prefill"]
+    point = mon.sample()
+    assert (point["prefill_workers"], point["decode_workers"], point["role_switches"]) == (0, 2, 1)

@@ -31,9 +31,10 @@ def env(tmp_path_factory):
 
 def test_disaggregated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     out = tmp_path / "vllm-pd"
-    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, timeout=600, env=env)
+    # a fixed 1+1 split: every row's KV crosses from the prefill worker to the decode worker
+    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, "--no-rebalance", timeout=600, env=env)
     assert res.returncode == 0, res.stderr
-    rows = assert_sample_matches_hf(out, tiny, NEW)  # prefill and decode on different workers
+    rows = assert_sample_matches_hf(out, tiny, NEW, fixed_roles=True)  # prefill and decode on different workers
     for r in rows:
         assert r["finish_reason"] in ("stop", "length") and r["ttft_s"] > 0
         assert r["generated_text"] == tiny.tokenizer.decode(r["output_token_ids"], skip_special_tokens=True)

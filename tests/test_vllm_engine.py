@@ -382,3 +382,22 @@ def test_closing_one_engine_keeps_the_others_working(engines):
     for r, o in zip(reqs, outs):
         assert o.error is None and o.output_token_ids == hf_greedy(engines.a, r.prompt_ids, r.params.max_new_tokens)
     assert engines.b.kv_counters()["tokens_loaded"] > before
+
+
+@needs_vllm
+def test_a_model_whose_kv_cannot_move_is_refused_for_pd_and_runs_colocated(tmp_path):
+    """All layers sliding-window: vLLM keeps only the window's blocks, so a prefill or decode
+    engine refuses the model in one line; a colocated engine moves no KV and runs it."""
+    path = str(build_qwen2(tmp_path / "swa", seed=0, use_sliding_window=True, sliding_window=64, max_window_layers=0))
+    with pytest.raises(UserError, match="cannot move KV") as e:
+        create_engine("vllm", {"model": path, **OPTIONS}, {"decode"}, "d")
+    assert "\n" not in str(e.value)
+    engine = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "c")
+    try:
+        prompt = random_prompts(1, engine.vocab_size, seed=51, min_len=100, max_len=100)[0]
+        out = engine.submit_request(Request("w", prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))).result(300)
+        assert out.error is None and out.output_token_ids == hf_greedy(engine, prompt, 8)
+        with pytest.raises(RuntimeError, match="cannot move KV"):
+            engine.prefill([Request("p", prompt, SamplingParams(max_new_tokens=8))])
+    finally:
+        engine.close()

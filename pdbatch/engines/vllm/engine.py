@@ -103,9 +103,9 @@ class VLLMEngine(Engine):
         self.stops = StopChecker(self.tokenizer, self.eos_token_ids)
         self._threads = startup.set_threads(self.device, o.get("threads") or 0)
         self._llm, self._kv = startup.build_llm(model, self.device, o, self.kv_budget_bytes)
-        # KV moves only between single-role engines; colocated ones run without it if they must
+        # a colocated job moves no KV: it runs a model whose KV cannot move
         self._kv_error = startup.bind_pages(self._llm, self._kv)
-        if self._kv_error and self.roles != BOTH:
+        if self._kv_error and o.get("mode") != "colocated":
             self._release_vllm()
             raise UserError(f"--engine vllm cannot move KV for {model}: {self._kv_error}; try --mode colocated")
         self._core = self._llm.llm_engine

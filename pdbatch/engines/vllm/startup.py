@@ -5,6 +5,7 @@ page adapters bound to the caches vLLM registered with the connector."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from types import SimpleNamespace
@@ -70,6 +71,10 @@ def build_llm(model: str, device: str, options: dict, kv_budget_bytes: int):
         kv_connector="PdbatchConnector", kv_connector_module_path=connector.__name__,
         kv_role="kv_both", kv_connector_extra_config={connector.ENGINE_KEY: key})
     t0 = time.time()
+    # vLLM's CPU platform adds torch's libgomp (and a tcmalloc of its own) to this process's
+    # LD_PRELOAD for the engine processes it would start; in-process there are none, and any
+    # process started from here later (a test's CLI run) would get two OpenMP runtimes
+    preload = os.environ.get("LD_PRELOAD")
     with connector.BUILD_LOCK:
         connector._constructing.append(key)
         try:
@@ -80,6 +85,10 @@ def build_llm(model: str, device: str, options: dict, kv_budget_bytes: int):
             raise UserError(f"vLLM cannot run {model}: {first}") from e
         finally:
             connector._constructing.remove(key)
+            if preload is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = preload
     log.info("vLLM engine for %s built in %.1fs (%s, %s)", model, time.time() - t0, device, kw["dtype"])
     return llm, kv
 

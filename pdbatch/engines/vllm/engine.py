@@ -24,7 +24,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,11 +32,10 @@ from ...errors import IncompatibleKV, UserError
 from ...kv.packet import KVPacket
 from ..base import RECENT_STEPS, Engine, EngineStats
 from ..builtin.prefill import validate_request  # the same row checks as the built-in engine
-from ..model_dir import model_fingerprint
 from ..request import Request, SequenceOutput
 from ..sampling import SamplingParams
 from ..stopping import StopChecker
-from . import settings
+from . import settings, startup
 
 log = logging.getLogger("pdbatch.vllm")
 
@@ -99,15 +97,19 @@ class VLLMEngine(Engine):
         self.path = model
         self.kv_budget_bytes = int(o.get("kv_budget_bytes") or 1 << 30)
         self.counters = Counters()
-        self._load_hf_side(model)
-        self._llm, self._kv = self._build(
-            model, dtype=o.get("dtype") or "auto", max_model_len=o.get("max_model_len") or 0,
-            max_num_seqs=o.get("max_num_seqs") or 128, max_batch_tokens=o.get("max_batch_tokens"),
-            enforce_eager=o.get("enforce_eager", True), seed=o.get("seed") or 0, threads=o.get("threads") or 0)
+        hf = startup.hf_side(model)
+        self.tokenizer, self.eos_token_ids, self.vocab_size = hf.tokenizer, hf.eos_token_ids, hf.vocab_size
+        self.fingerprint = hf.fingerprint
+        self.stops = StopChecker(self.tokenizer, self.eos_token_ids)
+        self._threads = startup.set_threads(self.device, o.get("threads") or 0)
+        self._llm, self._kv = startup.build_llm(model, self.device, o, self.kv_budget_bytes)
+        # a colocated job moves no KV: it runs a model whose KV cannot move
+        self._kv_error = startup.bind_pages(self._llm, self._kv)
+        if self._kv_error and o.get("mode") != "colocated":
+            self._release_vllm()
+            raise UserError(f"--engine vllm cannot move KV for {model}: {self._kv_error}; try --mode colocated")
         self._core = self._llm.llm_engine
-        import vllm
-
-        self._vllm_version = vllm.__version__
+        self._vllm_version = startup.vllm_version()
         mc = self._core.model_config
         self.max_model_len = int(mc.max_model_len)
         self.dtype = mc.dtype
@@ -130,110 +132,19 @@ class VLLMEngine(Engine):
     def worker_environment(cls, options: dict) -> dict[str, str]:
         return settings.worker_environment(options)
 
-    # --- construction ----------------------------------------------------------------------
-    def _load_hf_side(self, model: str) -> None:
-        """Tokenizer, EOS ids, vocabulary size and fingerprint, as the built-in engine sees them."""
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from ..builtin.model import _eos_ids
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
-        try:
-            gen = GenerationConfig.from_pretrained(model, local_files_only=True)
-        except OSError:
-            gen = None
-        self.eos_token_ids = _eos_ids(_HasGenerationConfig(gen), self.tokenizer)
-        self.vocab_size = int(getattr(config.get_text_config(), "vocab_size"))
-        # ":vllm": KV from this engine and from the built-in one are not interchangeable
-        self.fingerprint = model_fingerprint(model) + ":vllm"
-        self.stops = StopChecker(self.tokenizer, self.eos_token_ids)
-
-    def _build(self, model, *, dtype, max_model_len, max_num_seqs, max_batch_tokens, enforce_eager, seed,
-               threads):
-        import torch
-
-        from . import connector
-
-        self._threads = 0
-        if self.device == "cpu":
-            if threads:
-                torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker disables it afterwards
-            self._threads = torch.get_num_threads()
-        from vllm import LLM
-        from vllm.config import KVTransferConfig
-
-        from .sampler import PdbatchSampler
-
-        ctx = settings.model_context(model)
-        kw = settings.llm_kwargs(model, device=self.device, dtype=dtype,
-                                 max_model_len=min(max_model_len or ctx, ctx),
-                                 max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                                 kv_budget_bytes=self.kv_budget_bytes, enforce_eager=enforce_eager, seed=seed)
-        kw["logits_processors"] = [PdbatchSampler]
-        key = uuid.uuid4().hex
-        kv = connector.register_engine(key)
-        # every pdbatch vLLM engine has the connector, colocated ones too: vLLM keeps one
-        # worker-side connector per process and every engine's model runner calls it
-        kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="PdbatchConnector", kv_connector_module_path=connector.__name__,
-            kv_role="kv_both", kv_connector_extra_config={connector.ENGINE_KEY: key})
-        t0 = time.time()
-        with connector.BUILD_LOCK:
-            connector._constructing.append(key)
-            try:
-                llm = LLM(**kw)
-            except Exception as e:
-                connector.unregister_engine(key)
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise UserError(f"vLLM cannot run {model}: {first}") from e
-            finally:
-                connector._constructing.remove(key)
-        try:
-            self._bind_pages(llm, kv)
-        except Exception:
-            _shutdown(llm)
-            connector.unregister_engine(key)
-            raise
-        log.info("vLLM engine for %s built in %.1fs (%s, %s)", model, time.time() - t0, self.device, kw["dtype"])
-        return llm, kv
-
-    @staticmethod
-    def _bind_pages(llm, kv) -> None:
-        """Resolve and verify a page adapter for every attention layer (pages.py)."""
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        from . import pages
-
-        if kv.error:
-            raise UserError(f"--engine vllm cannot move KV for this model: {kv.error}")
-        vcfg = llm.llm_engine.vllm_config
-        context = vcfg.compilation_config.static_forward_context
-        names = sorted(kv.caches, key=extract_layer_index)
-        if not names:
-            raise UserError("vLLM registered no KV caches with pdbatch's connector")
-        layers = []
-        for name in names:
-            cache = kv.caches[name]
-            layer = context[name]
-            if tuple(layer.kv_cache.shape) != tuple(cache.shape):
-                raise pages.UnsupportedPageLayout(
-                    f"vLLM splits its KV blocks for the kernel ({tuple(cache.shape)} -> "
-                    f"{tuple(layer.kv_cache.shape)}); pdbatch reads whole blocks only")
-            layout = pages.layout_for(layer, cache, vcfg.cache_config.cache_dtype)
-            if not layers:
-                pages.verify(layout, layer, cache)
-            layers.append((name, layout))
-        kv.layers = layers
-        kv.block_size = int(kv.caches[names[0]].shape[2])
-
     # --- public API (thread-safe) ----------------------------------------------------------
     def prefill(self, requests: list[Request]) -> list[KVPacket | SequenceOutput]:
+        self._check_kv_transfer()
         futs = [self._submit(PREFILL, r) for r in requests]
         return [f.result() for f in futs]
 
     def submit_packet(self, packet: KVPacket, kv_transfer_s: float | None = None) -> Future:
+        self._check_kv_transfer()
         return self._submit(DECODE, packet, kv_transfer_s)
+
+    def _check_kv_transfer(self) -> None:
+        if self._kv_error:
+            raise RuntimeError(f"this vLLM engine cannot move KV: {self._kv_error}")
 
     def submit_request(self, request: Request) -> Future:
         return self._submit(GENERATE, request)
@@ -265,16 +176,19 @@ class VLLMEngine(Engine):
         return {"tokens_loaded": self._kv.tokens_loaded, "tokens_saved": self._kv.tokens_saved}
 
     def close(self) -> None:
-        """Stop the loop (pending futures get an exception), then shut vLLM down. vLLM's
-        shutdown tears down process-wide state (torch.distributed groups, the one worker-side
-        KV connector) that every in-process engine uses, so while other engines run in this
-        process the shutdown waits for the last of them (one engine per worker: no wait)."""
-        from . import connector
-
+        """Stop the loop (pending futures get an exception), then shut vLLM down."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=60)
+        self._release_vllm()
+
+    def _release_vllm(self) -> None:
+        """vLLM's shutdown tears down process-wide state (torch.distributed groups, the one
+        worker-side KV connector) that every in-process engine uses, so while other engines
+        run in this process it waits for the last of them (one engine per worker: no wait)."""
+        from . import connector
+
         with connector.BUILD_LOCK:
             connector.unregister_engine(self._kv.key)
             connector.closed_llms.append(self._llm)
@@ -282,7 +196,7 @@ class VLLMEngine(Engine):
                 return
             llms, connector.closed_llms[:] = list(connector.closed_llms), []
         for llm in llms:
-            _shutdown(llm)
+            startup.shutdown(llm)
 
     # --- the loop --------------------------------------------------------------------------
     def _submit(self, kind: str, item, kv_transfer_s: float | None = None) -> Future:
@@ -516,21 +430,9 @@ class VLLMEngine(Engine):
                 f.set_exception(RuntimeError(why))
 
 
-class _HasGenerationConfig:
-    def __init__(self, generation_config):
-        self.generation_config = generation_config
-
-
 def _kv_usage(core) -> float:
     """Share of vLLM's KV blocks in use (0 when it cannot be read)."""
     try:
         return float(core.engine_core.engine_core.scheduler.kv_cache_manager.usage)
     except AttributeError:
         return 0.0
-
-
-def _shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        log.debug("vLLM engine shutdown raised", exc_info=True)

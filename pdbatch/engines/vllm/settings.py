@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 from ...errors import UserError
@@ -96,7 +98,7 @@ def llm_kwargs(model: str, *, device: str, dtype: str = "auto", max_model_len: i
     kw = dict(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=int(seed),
               max_num_seqs=int(max_num_seqs), kv_cache_memory_bytes=int(kv_budget_bytes),
               enforce_eager=bool(enforce_eager), skip_tokenizer_init=True, disable_log_stats=True,
-              tokenizer=str(model))
+              tokenizer=str(model), use_tqdm_on_load=False)  # no progress bar per worker in the terminal
     if max_model_len:
         kw["max_model_len"] = int(max_model_len)
     if max_batch_tokens:
@@ -174,4 +176,10 @@ def prepare_process_env() -> None:
     for EOS token id"): errors only, unless VLLM_LOGGING_LEVEL says otherwise."""
     os.environ.update(REQUIRED_ENV)
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+        # what vLLM logs while it imports, before its logging is set up, would reach stderr
+        # through Python's last-resort handler ("Triton is installed, but doesn't include CPU
+        # backend"); and its own deprecation warnings about torch are not the user's business
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")

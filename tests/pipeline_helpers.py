@@ -44,15 +44,29 @@ def wait_session_empty(sid: int, timeout: float = 60) -> None:
 
 
 def run_cli(*args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([*PDBATCH, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
+    return run_clis(args, timeout=timeout, env=env)[0]
+
+
+def run_clis(*arg_lists, timeout: float = 300, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Independent `pdbatch` runs side by side (a run alone leaves much of the two cores idle
+    while its processes start), each in its own session; every process each one started must
+    be gone after it exits."""
+    procs = [subprocess.Popen([*PDBATCH, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
+             for args in arg_lists]
+    deadline = time.time() + timeout
+    results = []
     try:
-        out, err = proc.communicate(timeout=timeout)
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    wait_session_empty(proc.pid)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
+            wait_session_empty(proc.pid)
+    return results
 
 
 def read_rows(out: str | Path) -> list[dict]:

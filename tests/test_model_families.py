@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_models import hf_greedy, random_prompts
 from model_families import FAMILIES
-from pipeline_helpers import read_report, read_rows, run_cli
+from pipeline_helpers import read_report, read_rows, run_cli, run_clis
 
 from pdbatch.driver.faults import ENV_UNSERIALIZABLE
 from pdbatch.engines.builtin.decode import generate
@@ -102,20 +102,28 @@ def _prompt_table(lm, n: int, seed: int):
     return pa.table({"id": [f"row{i}" for i in range(n)], "prompt": texts}), ids
 
 
-# two through the CLI (each costs a cluster start); every family runs both modes in-process above
-@pytest.mark.parametrize("name,mode", [("mistral", "disaggregated"), ("gemma2", "colocated")])
-def test_cli_family_matches_hf(family_dir, tmp_path, name, mode):
+# two through the CLI, side by side (each costs a cluster start); every family runs both modes
+# in-process above
+CLI_FAMILIES = {"mistral": "disaggregated", "gemma2": "colocated"}
+
+
+def test_cli_families_match_hf(family_dir, tmp_path):
     """Through the real CLI on a local cluster: KV packets of sliding-window models travel."""
-    model = family_dir(name)
-    lm = load_model(model, dtype="float32", device="cpu")
-    table, ids = _prompt_table(lm, 6, seed=3)
-    pq.write_table(table, tmp_path / "in.parquet")
-    res = run_cli("run", tmp_path / "in.parquet", "-o", tmp_path / "out", "--model", model, "--id-column", "id",
-                  "--mode", mode, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 3, timeout=300)
-    assert res.returncode == 0, res.stderr
-    rows = read_rows(tmp_path / "out")
-    assert [r["error"] for r in rows] == [None] * len(ids)
-    assert [r["output_token_ids"] for r in rows] == [hf_greedy(lm, p, NEW) for p in ids]
+    jobs = {}
+    for name, mode in CLI_FAMILIES.items():
+        model = family_dir(name)
+        lm = load_model(model, dtype="float32", device="cpu")
+        table, ids = _prompt_table(lm, 6, seed=3)
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        jobs[name] = (lm, ids, ["run", tmp_path / f"{name}.parquet", "-o", tmp_path / name, "--model", model,
+                                "--id-column", "id", "--mode", mode, "--max-new-tokens", NEW, "--ignore-eos",
+                                "--unit-rows", 3])
+    results = run_clis(*(args for _, _, args in jobs.values()), timeout=400)
+    for (name, (lm, ids, _)), res in zip(jobs.items(), results):
+        assert res.returncode == 0, (name, res.stderr)
+        rows = read_rows(tmp_path / name)
+        assert [r["error"] for r in rows] == [None] * len(ids), name
+        assert [r["output_token_ids"] for r in rows] == [hf_greedy(lm, p, NEW) for p in ids], name
 
 
 def test_unserializable_result_is_retried_then_quarantined(family_dir, tmp_path):

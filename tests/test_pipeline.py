@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import signal
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
-                              read_report, read_rows, run_cli, text_reference, wait_session_empty)
+                              read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
 
 from pdbatch.engines.builtin.model import load_model
 
@@ -70,18 +71,16 @@ def test_kv_bytes_moved_match_packet_sizes(sample_run, tiny):
 
 def test_colocated_and_ucxx_give_identical_outputs(sample_run, tmp_path):
     base = {r["id"]: r["output_token_ids"] for r in read_rows(sample_run[0])}
-    co = tmp_path / "colocated"
-    res = run_cli("run", SAMPLE, "-o", co, "--max-new-tokens", NEW, "--mode", "colocated", "--unit-rows", 16,
-                  "--id-column", "id")
-    assert res.returncode == 0, res.stderr
+    co, ux = tmp_path / "colocated", tmp_path / "ucxx"
+    common = ["--max-new-tokens", NEW, "--unit-rows", 16, "--id-column", "id"]
+    res_co, res_ux = run_clis(["run", SAMPLE, "-o", co, *common, "--mode", "colocated"],
+                              ["run", SAMPLE, "-o", ux, *common, "--protocol", "ucxx"])
+    assert res_co.returncode == 0, res_co.stderr
     rows = read_rows(co)
     assert {r["id"]: r["output_token_ids"] for r in rows} == base
     assert read_report(co)["kv_bytes_moved"] == 0
     assert all(r["prefill_worker"] == r["decode_worker"] for r in rows)
-    ux = tmp_path / "ucxx"
-    res = run_cli("run", SAMPLE, "-o", ux, "--max-new-tokens", NEW, "--protocol", "ucxx", "--unit-rows", 16,
-                  "--id-column", "id")
-    assert res.returncode == 0, res.stderr
+    assert res_ux.returncode == 0, res_ux.stderr
     assert {r["id"]: r["output_token_ids"] for r in read_rows(ux)} == base
     report = read_report(ux)
     assert report["protocol"] == "ucxx" and report["kv_bytes_moved"] > 0
@@ -103,9 +102,11 @@ def test_input_layouts(tmp_path, tiny):
     for name, lo, hi in (("a.parquet", 0, 8), ("b.parquet", 8, 14), ("c.parquet", 14, 20)):
         for i in range(hi - lo):
             expected[f"{name}:{i}"] = reference(tiny, prompts[lo + i], 8)
-    for label, inp in (("dir", shards), ("glob", str(shards / "*.parquet"))):
+    inputs = {"dir": shards, "glob": str(shards / "*.parquet")}
+    results = run_clis(*(["run", inp, "-o", tmp_path / f"out-{label}", "--max-new-tokens", 8, "--unit-rows", 4]
+                         for label, inp in inputs.items()))
+    for label, res in zip(inputs, results):
         out = tmp_path / f"out-{label}"
-        res = run_cli("run", inp, "-o", out, "--max-new-tokens", 8, "--unit-rows", 4)
         assert res.returncode == 0, res.stderr
         rows = read_rows(out)
         assert {r["id"]: r["output_token_ids"] for r in rows} == expected
@@ -132,8 +133,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
         (["run", SAMPLE, "-o", tmp_path / "o7", "--no-such-option"], "No such option"),
         (["run", SAMPLE, "-o", tmp_path / "o8", "--config", tmp_path / "nope.toml"], "job file not found"),
     ]
-    for args, needle in cases:
-        res = subprocess.run([*PDBATCH, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    for (args, needle), res in zip(cases, run_clis(*(args for args, _ in cases), timeout=180)):
         assert res.returncode == 2, (args, res.stderr)
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, res.stderr)
@@ -165,12 +165,12 @@ def test_bad_rows_become_error_rows(tmp_path, tiny):
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path):
     inp = tmp_path / "in.parquet"
-    rows, units = 160, 40  # many units: Ctrl-C must land part-way however fast the engine is
+    rows, units = 96, 24  # many units: Ctrl-C must land part-way however fast the engine is
     prompts = [f"Row {i}: write about the number {i}." for i in range(rows)]
     pq.write_table(pa.table({"prompt": prompts}), inp)
-    args = ["run", inp, "--max-new-tokens", 80, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
-    clean = tmp_path / "clean"
-    assert run_cli(*args, "-o", clean).returncode == 0
+    args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
+    clean = tmp_path / "clean"  # the same job uninterrupted, beside the interrupted one
+    reference_run = concurrent.futures.ThreadPoolExecutor(1).submit(run_cli, *args, "-o", clean)
     out = tmp_path / "resumed"
     # SIGINT back to its default in the child: a test run started in the background (nohup, `&`)
     # ignores it, the child would inherit that, and Python would never raise KeyboardInterrupt
@@ -187,6 +187,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     done_before = manifest_units(out)
     assert 3 <= len(done_before) < units, "the run must stop part-way"
     assert not (out / "_SUCCESS").exists()
+    assert reference_run.result().returncode == 0
     res = run_cli(*args, "-o", out)
     assert res.returncode == 0, res.stderr
     report = read_report(out)

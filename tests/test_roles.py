@@ -8,13 +8,14 @@ driver/roles.py and the dashboard's roles view are also checked on their own, wi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli
+from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis
 
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
@@ -54,6 +55,20 @@ def sixty(tmp_path_factory, tiny):
     return tmp, expected(tiny, prompts)
 
 
+def default_args(inp, out) -> list:
+    return ["run", inp, "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--progress", "none"]
+
+
+@pytest.fixture(scope="module")
+def default_run(sixty):
+    """`pdbatch run` of the 60 rows with run's defaults (auto units, rebalancing on): the
+    unit-size and rebalancing tests both read this one run."""
+    out = sixty[0] / "default"
+    res = run_cli(*default_args(sixty[0] / "in.parquet", out))
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
 # --- unit sizing --------------------------------------------------------------------------------
 
 def test_auto_unit_rows_rule():
@@ -63,49 +78,46 @@ def test_auto_unit_rows_rule():
     assert auto_unit_rows(10**6, 64) == 128  # big inputs: a decode batch's worth, the resume grain
 
 
-def test_sixty_rows_are_several_units_and_a_resume_keeps_the_size(sixty, tmp_path):
+def test_sixty_rows_are_several_units_and_a_resume_keeps_the_size(sixty, default_run, tmp_path):
     inp, want = sixty[0] / "in.parquet", sixty[1]
-    out = tmp_path / "out"
-    args = ["run", inp, "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--progress", "none"]
-    res = run_cli(*args)
-    assert res.returncode == 0, res.stderr
-    r = read_report(out)
+    first, res = default_run
+    r = read_report(first)
     assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (8, 8, "auto")  # not one unit of 60
     assert "60 rows in 8 units of 8 rows (auto" in res.stderr
-    assert outputs(out) == want
-    assert json.loads((out / "_pdbatch" / "job.json").read_text())["unit_rows"] == 8  # the bookkeeping
-    # a crash lost the last three units; the rerun has 4 workers (auto would now pick 4 rows)
+    assert outputs(first) == want
+    assert json.loads((first / "_pdbatch" / "job.json").read_text())["unit_rows"] == 8  # the bookkeeping
+    # a crash lost the last three units; the rerun has 3 workers (auto would now pick 5 rows)
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
     manifest = out / "_pdbatch" / "manifest.jsonl"
     entries = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     kept, lost = entries[:5], entries[5:]
     manifest.write_text("".join(json.dumps(e) + "\n" for e in kept))
     (out / "_SUCCESS").unlink()
-    res = run_cli(*args, "--workers", 4)
+    # beside it, on a new output directory: an explicit --unit-rows wins
+    explicit = tmp_path / "explicit"
+    res, res_explicit = run_clis([*default_args(inp, out), "--workers", 3],
+                                 ["run", inp, "-o", explicit, "--max-new-tokens", 4, "--ignore-eos",
+                                  "--unit-rows", 25, "--progress", "none"])
     assert res.returncode == 0, res.stderr
     r = read_report(out)
     assert (r["unit_rows"], r["unit_rows_source"], r["units_resumed"]) == (8, "resumed", 5)
     assert r["rows_this_run"] == sum(e["rows"] for e in lost) and sorted(manifest_units(out)) == \
         sorted(e["unit"] for e in entries)
     assert outputs(out) == want and (out / "_SUCCESS").exists()
-    # an explicit --unit-rows wins (on a new output directory)
-    res = run_cli("run", inp, "-o", tmp_path / "explicit", "--max-new-tokens", 4, "--ignore-eos", "--unit-rows", 25,
-                  "--progress", "none")
-    assert res.returncode == 0, res.stderr
-    r = read_report(tmp_path / "explicit")
+    assert res_explicit.returncode == 0, res_explicit.stderr
+    r = read_report(explicit)
     assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (3, 25, "option")
 
 
 # --- rebalancing ----------------------------------------------------------------------------------
 
-def test_rebalancing_moves_workers_and_outputs_stay_identical(sixty, tmp_path):
+def test_rebalancing_moves_workers_and_outputs_stay_identical(sixty, default_run):
     """Defaults (1 prefill + 1 decode worker to start, rebalancing on): the decode worker
     prefills while units wait for prefill, the prefill worker decodes the units it holds once
     nothing is left to prefill; every row still equals HF generate token for token, and each
     row records who did which phase."""
-    out = tmp_path / "out"
-    res = run_cli("run", sixty[0] / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos",
-                  "--progress", "none")
-    assert res.returncode == 0, res.stderr
+    out = default_run[0]
     assert outputs(out) == sixty[1]
     r = read_report(out)
     roles, switches = r["roles"], r["role_switches"]

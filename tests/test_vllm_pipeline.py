@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import (DEFAULT_MODEL, SAMPLE, assert_sample_matches_hf, read_report, read_rows, run_cli,
+from pipeline_helpers import (DEFAULT_MODEL, SAMPLE, assert_sample_matches_hf, read_report, read_rows, run_clis,
                               text_reference)
 
 from pdbatch.engines.builtin.model import load_model
@@ -29,10 +29,23 @@ def env(tmp_path_factory):
     return {"VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
 
 
-def test_disaggregated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
-    out = tmp_path / "vllm-pd"
-    # a fixed 1+1 split: every row's KV crosses from the prefill worker to the decode worker
-    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, "--no-rebalance", timeout=600, env=env)
+# The three jobs of this file's job tests, run side by side (start-up, mostly single-threaded,
+# would leave a core idle): a fixed 1+1 split, where every row's KV crosses from the prefill
+# worker to the decode worker; run's defaults (rebalancing: roles are the driver's and each
+# worker's engine does both phases); colocated.
+JOBS = {"vllm-pd": ("--no-rebalance",), "vllm-rebalance": (), "vllm-colocated": ("--mode", "colocated")}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, env):
+    tmp = tmp_path_factory.mktemp("vllm-jobs")
+    results = run_clis(*(["run", SAMPLE, "-o", tmp / name, *VLLM_RUN, *extra] for name, extra in JOBS.items()),
+                       timeout=900, env=env)
+    return {name: (tmp / name, res) for name, res in zip(JOBS, results)}
+
+
+def test_disaggregated_vllm_job_matches_hf_generate(jobs, tiny):
+    out, res = jobs["vllm-pd"]
     assert res.returncode == 0, res.stderr
     rows = assert_sample_matches_hf(out, tiny, NEW, fixed_roles=True)  # prefill and decode on different workers
     for r in rows:
@@ -50,18 +63,16 @@ def test_disaggregated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
     assert "Traceback" not in res.stderr
 
 
-def test_rebalancing_vllm_job_matches_hf_generate(tmp_path, tiny, env):
+def test_rebalancing_vllm_job_matches_hf_generate(jobs, tiny):
     """run's defaults: roles are the driver's and each worker's engine does both phases."""
-    out = tmp_path / "vllm-rebalance"
-    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, timeout=600, env=env)
+    out, res = jobs["vllm-rebalance"]
     assert res.returncode == 0, res.stderr
     assert_sample_matches_hf(out, tiny, NEW)
     assert "Traceback" not in res.stderr
 
 
-def test_colocated_vllm_job_matches_hf_generate(tmp_path, tiny, env):
-    out = tmp_path / "vllm-colocated"
-    res = run_cli("run", SAMPLE, "-o", out, *VLLM_RUN, "--mode", "colocated", timeout=600, env=env)
+def test_colocated_vllm_job_matches_hf_generate(jobs, tiny):
+    out, res = jobs["vllm-colocated"]
     assert res.returncode == 0, res.stderr
     rows = read_rows(out)
     prompts = {r["id"]: r["prompt"] for r in pq.read_table(SAMPLE).to_pylist()}
@@ -79,16 +90,19 @@ def test_engine_vllm_refusals_are_one_line(tmp_path):
 
     hd16 = build_llama(tmp_path / "hd16", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2)
-    res = run_cli("run", SAMPLE, "-o", tmp_path / "o1", "--engine", "vllm", "--model", hd16)
-    assert res.returncode == 2 and "head_dim 16" in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-    # a worker memory limit that would pause a vLLM worker for ever
-    res = run_cli("run", SAMPLE, "-o", tmp_path / "o2", "--engine", "vllm", "--worker-memory-limit", "1GiB")
-    assert res.returncode == 2 and "--worker-memory-limit" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("run", SAMPLE, "-o", tmp_path / "o3", "--engine", "vllm", "--max-batch-tokens", 64)
-    assert res.returncode == 2 and "--max-num-seqs" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("run", SAMPLE, "-o", tmp_path / "o4", "--engine", "nope")
-    assert res.returncode == 2 and "--engine must be one of builtin, vllm" in res.stderr
+    hd16_res, memory, batch, engine = run_clis(
+        ["run", SAMPLE, "-o", tmp_path / "o1", "--engine", "vllm", "--model", hd16],
+        # a worker memory limit that would pause a vLLM worker for ever
+        ["run", SAMPLE, "-o", tmp_path / "o2", "--engine", "vllm", "--worker-memory-limit", "1GiB"],
+        ["run", SAMPLE, "-o", tmp_path / "o3", "--engine", "vllm", "--max-batch-tokens", 64],
+        ["run", SAMPLE, "-o", tmp_path / "o4", "--engine", "nope"])
+    for res in (hd16_res, memory, batch, engine):
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "head_dim 16" in hd16_res.stderr
+    assert "--worker-memory-limit" in memory.stderr
+    assert "--max-num-seqs" in batch.stderr
+    assert "--engine must be one of builtin, vllm" in engine.stderr
 
 
 def _mapped_libraries() -> str:

@@ -120,6 +120,9 @@ class JobConfig:
     max_model_len: int = 0  # 0: the model's own
     max_batch_tokens: int | None = None  # None: 1024 on CPU, 8192 on GPU (prefill.default_max_batch_tokens)
     max_num_seqs: int = 128
+    # vllm engine: no torch.compile (nor CUDA graphs on GPU). Every worker builds its own engine,
+    # so compiling costs each one ~30 s of start-up on CPU for a few % of decode speed
+    enforce_eager: bool = True
     kv_budget: str = "2GiB"
     rmm_pool_size: str | None = None  # GPU: per-worker RMM pool that torch allocates from
     unit_rows: int | None = None  # None: sized to the input and the cluster (driver/roles.auto_unit_rows)

@@ -42,6 +42,7 @@ def job_options(f):
         click.option("--max-model-len", type=int, help="Cap the context window (default: the model's)."),
         click.option("--max-batch-tokens", type=int, help="Padded tokens per prefill batch (default: 1024 on CPU, 8192 on GPU)."),
         click.option("--max-num-seqs", type=int, help="Most sequences one decode worker runs at once (default 128)."),
+        click.option("--enforce-eager/--no-enforce-eager", default=None, help="vllm engine: run eager, without torch.compile or CUDA graphs (default on: start-up in seconds per worker instead of ~30 s on CPU, a few %% slower decode); --no-enforce-eager compiles, as vLLM does by default."),
         click.option("--kv-budget", type=str, help="KV cache memory per decode worker, e.g. 512MiB, 8GiB (default 2GiB)."),
         click.option("--rmm-pool-size", type=str, help="GPU only: an RMM pool per worker (e.g. 60GiB) that torch and UCX allocate from (needs dask-cuda)."),
         click.option("--unit-rows", type=int, help="Rows per work unit: the grain of scheduling and resume (default: at least 4 units per worker, at most 128 rows; a resumed job keeps the size it started with)."),

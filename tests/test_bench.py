@@ -33,8 +33,9 @@ def bench_runs(tmp_path_factory):
     jobs = {"builtin": ["bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out",
                         tmp / "builtin", "--systems", ",".join(SYSTEMS_BUT_VLLM)]}
     if vllm_available():
+        # eager on both sides: seconds of start-up instead of a torch.compile per engine
         jobs["vllm"] = ["bench", "--workload", "tiny-test", *TINY, "--engine", "vllm", "--systems", "colocated,vllm",
-                        "--out", tmp / "vllm"]
+                        "--enforce-eager", "--out", tmp / "vllm"]
     return {name: (tmp / name, r) for name, r in zip(jobs, run_clis(*jobs.values(), timeout=600))}
 
 
@@ -84,11 +85,13 @@ def test_bench_puts_vllm_beside_pdbatch_on_the_vllm_engine(bench_runs):
     assert r.returncode == 0, r.stderr + r.stdout
     result = json.loads((out / "bench.json").read_text())
     assert set(result["systems"]) == {"colocated", "vllm"} and result["settings"]["engine"] == "vllm"
+    assert result["settings"]["enforce_eager"] is True
     assert result["outputs_equal"] is True  # vLLM's own LLM.generate and pdbatch on vLLM, token for token
     v = result["systems"]["vllm"]
     for key in PER_SYSTEM:
         assert isinstance(v[key], float) and v[key] > 0, (key, v[key])
     assert len(v["per_row"]["ttft_s"]) == 8 and v["startup_s"] > 0  # start-up is reported apart
+    assert v["llm_kwargs"]["enforce_eager"] is True
     assert "colocated / vllm: output tok/s" in r.stdout
 
 

@@ -55,6 +55,10 @@ def _command() -> str:
               "all; vllm only where vLLM is installed].")
 @click.option("--engine", default="builtin", show_default=True,
               help="Engine of the pdbatch systems (disaggregated, colocated): builtin or vllm.")
+@click.option("--enforce-eager/--no-enforce-eager", default=False, show_default=True,
+              help="vLLM (the vllm system, and the pdbatch systems on --engine vllm): run eager, without "
+                   "torch.compile (start-up in seconds instead of ~30 s per engine on CPU). The same for every "
+                   "system, so all run the same kernels; the default compiles, as vLLM does.")
 @click.option("--prefill-workers", type=int, default=1, show_default=True,
               help="Prefill workers of the disaggregated run (colocated gets prefill + decode workers).")
 @click.option("--decode-workers", type=int, default=1, show_default=True, help="Decode workers of the disaggregated run.")

@@ -35,6 +35,7 @@ class BenchOptions:
     unit_rows: int = 0  # 0: pdbatch's own default (driver/roles.auto_unit_rows)
     rebalance: bool = True  # disaggregated: pdbatch's default, workers move between the roles
     engine: str = "builtin"  # the pdbatch systems' engine (builtin | vllm)
+    enforce_eager: bool = False  # vLLM everywhere (vllm system, --engine vllm): vLLM's default, compiled
     max_batch_tokens: int | None = None  # None: pdbatch's default for the device
     max_num_seqs: int = 64
     kv_budget: str = "1GiB"
@@ -119,7 +120,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                 "prompt_column": PROMPT_COLUMN, "id_column": ID_COLUMN, "ignore_eos": True, "temperature": 0.0,
                 "mode": name, "prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
                 "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance, "engine": o.engine,
-                "max_batch_tokens": o.max_batch_tokens,
+                "enforce_eager": o.enforce_eager, "max_batch_tokens": o.max_batch_tokens,
                 "max_num_seqs": o.max_num_seqs, "kv_budget": o.kv_budget, "dtype": o.dtype, "device": o.device,
                 "progress": "none", "overwrite": True})
             window = cfg.inflight_units()
@@ -154,7 +155,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
         "settings": {"prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
                      "colocated_workers": o.workers, "threads_per_worker": threads,
                      "baseline_threads": baseline_threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
-                     "engine": o.engine,
+                     "engine": o.engine, "enforce_eager": o.enforce_eager,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "max_inflight_units": window, "baseline_kv_budget_mib": args.kv_budget_mib,
                      "max_batch_tokens": o.max_batch_tokens, "max_num_seqs": o.max_num_seqs,
@@ -191,7 +192,7 @@ def _engine_args(o: BenchOptions, lm, work):
     mib = min(parse_size(o.kv_budget), need) / 2**20
     return SimpleNamespace(hf_batch_size=o.hf_batch_size, max_batch_tokens=o.max_batch_tokens,
                            max_num_seqs=o.max_num_seqs, kv_budget_mib=max(1, math.ceil(mib)),
-                           kv_budget_bytes=parse_size(o.kv_budget))
+                           kv_budget_bytes=parse_size(o.kv_budget), enforce_eager=o.enforce_eager)
 
 
 def compare_outputs(runs: dict[str, SystemRun], out_lens: list[int]) -> tuple[list[str], dict, bool]:

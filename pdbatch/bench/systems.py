@@ -223,7 +223,8 @@ def run_baseline(name: str, lm, work, args) -> SystemRun:
 
         r = run_vllm(lm.path, work, cores=torch.get_num_threads(), dtype=str(lm.dtype).removeprefix("torch."),
                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                     kv_budget_bytes=args.kv_budget_bytes)  # what a pdbatch decode engine gets
+                     kv_budget_bytes=args.kv_budget_bytes,  # what a pdbatch decode engine gets
+                     enforce_eager=args.enforce_eager)
         tpot = [_tpot(a, b, n) for a, b, n in r["token_times"] if n > 1]
         return SystemRun(r["outputs"], r["wall_s"], r["ttft_s"], tpot, r["cpu_s"],
                          {"startup_s": r["startup_s"], "vllm": r["version"], "llm_kwargs": r["llm_kwargs"]})

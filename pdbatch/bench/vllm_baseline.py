@@ -21,7 +21,7 @@ import time
 
 
 def run_vllm(model: str, work, *, cores: int, dtype: str, max_num_seqs: int, max_batch_tokens: int | None,
-             kv_budget_bytes: int, timeout_s: float = 3600) -> dict:
+             kv_budget_bytes: int, enforce_eager: bool = False, timeout_s: float = 3600) -> dict:
     """vLLM's LLM.generate on `work` (pdbatch.bench.engine.Workload): outputs, wall_s, cpu_s,
     ttft_s per row, token_times [first, last, n] per row, startup_s, version, llm_kwargs."""
     from pdbatch.engines.vllm.settings import cpu_preload, llm_kwargs, require_vllm, resolve_device
@@ -29,7 +29,7 @@ def run_vllm(model: str, work, *, cores: int, dtype: str, max_num_seqs: int, max
     require_vllm()
     device = resolve_device("auto")
     kw = llm_kwargs(model, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                    max_batch_tokens=max_batch_tokens, kv_budget_bytes=kv_budget_bytes)
+                    max_batch_tokens=max_batch_tokens, kv_budget_bytes=kv_budget_bytes, enforce_eager=enforce_eager)
     kw.update(skip_tokenizer_init=False, disable_log_stats=False)  # per-request stats: TTFT, TPOT
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     if device == "cpu":

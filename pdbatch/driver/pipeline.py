@@ -117,7 +117,8 @@ class Pipeline:
         plugin = EngineHost(model=os.path.abspath(c.model), dtype=c.dtype, device=c.device, mode=c.mode,
                             max_batch_tokens=c.max_batch_tokens, kv_budget_bytes=c.kv_budget_bytes(),
                             max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
-                            threads=threads, engine=c.engine, rebalance=self.roles.rebalance)
+                            threads=threads, engine=c.engine, rebalance=self.roles.rebalance,
+                            enforce_eager=c.enforce_eager)
         self.client.register_plugin(plugin)
 
     def refresh_workers(self) -> None:

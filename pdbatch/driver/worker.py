@@ -34,11 +34,11 @@ class EngineHost(WorkerPlugin):
 
     def __init__(self, *, model: str, dtype: str, device: str, mode: str, max_batch_tokens: int,
                  kv_budget_bytes: int, max_num_seqs: int, max_model_len: int, threads: int,
-                 engine: str = "builtin", rebalance: bool = False):
+                 engine: str = "builtin", rebalance: bool = False, enforce_eager: bool = True):
         self.options = dict(model=model, dtype=dtype, device=device, mode=mode,
                             max_batch_tokens=max_batch_tokens, kv_budget_bytes=kv_budget_bytes,
                             max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
-                            engine=engine, rebalance=rebalance)
+                            engine=engine, rebalance=rebalance, enforce_eager=enforce_eager)
         self.engine: Engine | None = None
 
     async def setup(self, worker) -> None:

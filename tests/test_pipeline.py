@@ -249,3 +249,20 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
                 p.kill()
         for p in procs:
             wait_session_empty(p.pid)
+
+
+def test_embedded_cluster_leaves_the_driver_environment_as_it_was(monkeypatch):
+    """A Nanny copies Dask's pre-spawn environment (OMP_NUM_THREADS=1, ...) into the process
+    that starts it: after the job the driver's environment must be what it was, or whatever it
+    starts next (pdbatch bench's vLLM baseline) inherits one OpenMP thread."""
+    from pdbatch.config import build_config
+    from pdbatch.driver.cluster import connect
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PDBATCH_TEST_MARK", "kept")
+    before = dict(os.environ)
+    with connect(build_config({"input": "in", "output": "out"})) as (client, _, _):
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        inside = os.environ.get("OMP_NUM_THREADS")
+    assert inside == "1"  # what Dask set while its workers were started: the test can fail
+    assert dict(os.environ) == before

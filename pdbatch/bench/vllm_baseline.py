@@ -34,6 +34,7 @@ def run_vllm(model: str, work, *, cores: int, dtype: str, max_num_seqs: int, max
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     if device == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+        env["OMP_NUM_THREADS"] = str(cores)  # every core, whatever this process's environment says
         preload = cpu_preload()
         if preload:
             env["LD_PRELOAD"] = ":".join(preload)

@@ -129,6 +129,21 @@ def engine_pre_spawn_environ(cfg: JobConfig):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def preserved_environ():
+    """This process's environment as it was, once the embedded cluster is gone. A Nanny copies
+    Dask's pre-spawn environment (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ..., PYTHONHASHSEED)
+    into its own process's os.environ before each (re)spawn; in the driver that would leak into
+    whatever it starts after the job (pdbatch bench's vLLM baseline ran on one OpenMP thread)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k not in saved]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
 def _scheduler_file_address(path: str | None) -> str:
     try:
         with open(path) as f:
@@ -179,18 +194,19 @@ def connect(cfg: JobConfig):
     if security is not None:
         scheduler["options"]["security"] = security
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
-    with engine_pre_spawn_environ(cfg):
-        cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
-                              silence_logs=logging.WARNING, name="pdbatch", security=security)
-    try:
-        client = Client(cluster)
+    with preserved_environ():
+        with engine_pre_spawn_environ(cfg):
+            cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
+                                  silence_logs=logging.WARNING, name="pdbatch", security=security)
         try:
-            yield client, protocol, client.dashboard_link
+            client = Client(cluster)
+            try:
+                yield client, protocol, client.dashboard_link
+            finally:
+                client.close()
         finally:
-            client.close()
-    finally:
-        try:
-            cluster.close(timeout=30)
-        except TimeoutError:  # the job's outcome stands; the workers are this process's children
-            logging.getLogger("pdbatch").warning(
-                "the local cluster took over 30 s to shut down; its worker processes end with this one")
+            try:
+                cluster.close(timeout=30)
+            except TimeoutError:  # the job's outcome stands; the workers are this process's children
+                logging.getLogger("pdbatch").warning(
+                    "the local cluster took over 30 s to shut down; its worker processes end with this one")

@@ -107,26 +107,18 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0, sec
 def engine_pre_spawn_environ(cfg: JobConfig):
     """The engine's worker environment (Engine.worker_environment: LD_PRELOAD for vLLM on CPU)
     from each worker process's start. A Nanny's `env=` is applied inside the worker once it
-    runs, too late for LD_PRELOAD; Dask's pre-spawn environment is copied into this process's
-    environment just before the Nanny spawns (and respawns) its worker. This process's own
-    environment is put back once the cluster is up."""
+    runs, too late for LD_PRELOAD; Dask's pre-spawn environment, read when a Nanny is made, is
+    copied into this process's environment just before it spawns (and respawns) its worker.
+    preserved_environ puts this process's own environment back once the cluster is gone."""
     from ..engines import engine_class
 
     extra = engine_class(cfg.engine).worker_environment(cfg.engine_options())
     if not extra:
         yield
         return
-    saved = {k: os.environ.get(k) for k in extra}
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **extra}
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        yield
 
 
 @contextlib.contextmanager

@@ -74,7 +74,8 @@ def test_colocated_and_ucxx_give_identical_outputs(sample_run, tmp_path):
     co, ux = tmp_path / "colocated", tmp_path / "ucxx"
     common = ["--max-new-tokens", NEW, "--unit-rows", 16, "--id-column", "id"]
     res_co, res_ux = run_clis(["run", SAMPLE, "-o", co, *common, "--mode", "colocated"],
-                              ["run", SAMPLE, "-o", ux, *common, "--protocol", "ucxx"])
+                              # a fixed split, so that every row's KV crosses the ucxx wire
+                              ["run", SAMPLE, "-o", ux, *common, "--protocol", "ucxx", "--no-rebalance"])
     assert res_co.returncode == 0, res_co.stderr
     rows = read_rows(co)
     assert {r["id"]: r["output_token_ids"] for r in rows} == base
@@ -84,6 +85,7 @@ def test_colocated_and_ucxx_give_identical_outputs(sample_run, tmp_path):
     assert {r["id"]: r["output_token_ids"] for r in read_rows(ux)} == base
     report = read_report(ux)
     assert report["protocol"] == "ucxx" and report["kv_bytes_moved"] > 0
+    assert all(r["prefill_worker"] != r["decode_worker"] for r in read_rows(ux) if r["decode_worker"])
 
 
 def test_input_layouts(tmp_path, tiny):

@@ -199,6 +199,32 @@ def test_roles_follow_the_queues():
     assert roles.report()["final"] == {"decode-0": "prefill", "plain": "decode", "prefill-0": "decode"}
 
 
+def test_someone_prefills_while_units_wait_for_prefill():
+    """Seen on the decode-heavy bench workload: every worker decoding its share, prefilled units
+    waiting for a decoder and units waiting for prefill; nobody prefilled until decode drained.
+    Now the last prefill worker stays, and with none left one decoder switches back."""
+    roles = Roles(rebalance=True, started=0.0)
+    roles.sync({"p": {"name": "prefill-0", "resources": {"prefill": 1}},
+                "d": {"name": "decode-0", "resources": {"decode": 1}}})
+    live = {"p", "d"}
+    busy = View({"p": 1}, {"d": 8}, {"p": 1}, queued_prefill=3, waiting_decode=1, oldest_wait_s=5.0)
+    roles.rebalance_tick(busy, live, now=1.0)
+    assert roles.role == {"p": "prefill", "d": "decode"}  # the only prefill worker keeps prefilling
+    # both decode (the queue had emptied meanwhile), then units queue again behind busy decoders
+    roles.switch("p", "decode", "test", now=2.0)
+    stuck = View({}, {"p": 4, "d": 8}, {"p": 1}, queued_prefill=3, waiting_decode=1, oldest_wait_s=5.0)
+    roles.rebalance_tick(stuck, live, now=2.1)
+    assert roles.role == {"p": "decode", "d": "decode"}  # the patience: half a second by default
+    roles.rebalance_tick(stuck, live, now=2.7)
+    assert roles.role == {"p": "prefill", "d": "decode"}  # the least-loaded decoder prefills
+    roles.rebalance_tick(View({"p": 2}, {"p": 4, "d": 8}, {"p": 1}, 1, 1, oldest_wait_s=9.0), live, now=3.0)
+    assert roles.role == {"p": "prefill", "d": "decode"} and roles.switch_count == 2
+    # a drained decoder switches at once
+    roles.switch("p", "decode", "test", now=4.0)
+    roles.rebalance_tick(View({}, {"p": 4}, {"p": 1}, 2, 1, oldest_wait_s=1.0), live, now=4.05)
+    assert roles.role == {"p": "decode", "d": "prefill"}
+
+
 def test_without_rebalancing_roles_never_move():
     roles, live = _roles(rebalance=False)
     assert roles.role == {"p": "prefill", "d": "decode"}  # a worker without a role resource takes no work
@@ -237,3 +263,34 @@ def test_dashboard_roles_view_and_monitor_counts():
     assert roles["decode"]["kv_held_bytes"] == 200 and "kv_held_bytes" not in roles["prefill"]
     point = mon.sample()
     assert (point["prefill_workers"], point["decode_workers"], point["role_switches"]) == (0, 2, 1)
+
+
+def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
+    """Seen on the decode-heavy bench workload (8 units of 4 rows, output lengths differ): both
+    workers decoding, one prefilled unit left; it fitted no one's fair share of the decode
+    tokens once added, waited 31 s for a unit to finish, then decoded alone for 28 s. A worker
+    below its share before the unit takes it."""
+    from types import SimpleNamespace
+
+    from pdbatch.driver.pipeline import Pipeline, _Unit
+
+    def unit(name, work, phase, decoder=None, prefill="p"):
+        return _Unit(unit=SimpleNamespace(unit_id=name), keep=None, rows=pa.table({"x": [0] * 4}), phase=phase,
+                     work=work, decode_worker=decoder, prefill_worker=prefill)
+
+    pipe = Pipeline.__new__(Pipeline)
+    pipe.cfg = SimpleNamespace(max_num_seqs=64)
+    pipe.workers = {"p": {"status": "running"}, "d": {"status": "running"}}
+    pipe.names = {"p": "prefill-0", "d": "decode-0"}
+    pipe.budgets, pipe.decode_kv = {"p": 1 << 30, "d": 1 << 30}, {}
+    last = unit("u7", 900, "wait-room")
+    pipe.inflight = {"u0": unit("u0", 1000, "decode", "p"), "u1": unit("u1", 1000, "decode", "p"),
+                     "u2": unit("u2", 700, "decode", "d"), "u3": unit("u3", 800, "decode", "d"), "u7": last}
+    # stage 4400 tokens over 2 workers: a share of 2200; p holds 2000, d 1500, and either plus
+    # 900 is over it. Its own prefill worker takes it (its KV is there)
+    assert pipe._pick_decoder(last, ["p", "d"]) == "p"
+    last.prefill_worker = "gone"  # else the least-loaded one below its share
+    assert pipe._pick_decoder(last, ["p", "d"]) == "d"
+    # a third worker, prefilling now, could change role: the shares are thirds, both are above
+    pipe.workers["x"] = {"status": "running"}
+    assert pipe._pick_decoder(last, ["p", "d"]) is None

@@ -17,13 +17,16 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
 - prefill -> decode, while prefill work remains: a prefilled unit has waited for a decoder
   longer than a tenth of a unit's measured decode time (every decoder holds its share): the
   prefill worker holding the most waiting units (then the one with the fewest prefill units in
-  flight) becomes a decode worker. Its first token is out, and the wait counts in the row's
-  time per output token: this keeps decode prompt when prefill is the bottleneck;
+  flight) becomes a decode worker, but never the last one prefilling. Its first token is out,
+  and the wait counts in the row's time per output token: this keeps decode prompt when
+  prefill is the bottleneck;
 - decode -> prefill: units wait to be prefilled, every prefill worker is full and no prefilled
   unit waits for a decoder: a decode worker with no rows left (drained) becomes a prefill
-  worker; if none is drained and no worker prefills at all, the least-loaded decode worker
-  switches after a patience of a quarter of a unit's measured decode time (its remaining rows
-  finish in its engine alongside the prefill, as in colocated mode).
+  worker; if no worker prefills at all (whatever waits for a decoder: decoders that each hold
+  their share would otherwise keep the prefill queue waiting until they drain), a drained
+  decode worker switches at once, else the least-loaded one after a patience of a quarter of a
+  unit's measured decode time (its remaining rows finish in its engine alongside the prefill,
+  as in colocated mode).
 
 Between the two, both queues can never be starved at once while the other has work, and a
 worker switches only when it would otherwise idle (or, for the fallback, when prefill would).
@@ -144,9 +147,14 @@ class Roles:
             for a in idle[:v.waiting_decode]:
                 self.switch(a, "decode", "nothing to prefill, prefilled units wait for a decoder", now)
             return
+        if v.queued_prefill and not prefill:
+            self._no_prefill(v, decode, now)  # whatever waits for a decoder: someone must prefill
+            return
         if v.waiting_decode:
             self._starved_since = None
-            if prefill and v.oldest_wait_s >= 0.1 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S):
+            # never the last prefill worker while units wait for prefill (the queue would stall
+            # behind decoders that each hold their share); prefill work can remain only here
+            if len(prefill) > 1 and v.oldest_wait_s >= 0.1 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S):
                 a = min(prefill, key=lambda a: (-v.held.get(a, 0), v.prefill_units.get(a, 0), self.names.get(a, a)))
                 self.switch(a, "decode", f"a prefilled unit waited {v.oldest_wait_s:.1f}s for a decoder", now)
             return
@@ -161,8 +169,18 @@ class Roles:
         drained = sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
         for a in drained[:need]:
             self.switch(a, "prefill", "decode drained, units wait for prefill", now)
-        if drained or prefill or not decode:
+        self._starved_since = None
+
+    def _no_prefill(self, v: View, decode: list[str], now: float) -> None:
+        """Units wait for prefill and no worker prefills: a drained decode worker switches at
+        once; else the least-loaded one after a patience (its rows finish in its engine
+        alongside the prefill, as in colocated mode)."""
+        drained = sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
+        if drained:
+            self.switch(drained[0], "prefill", "decode drained, units wait for prefill", now)
             self._starved_since = None
+            return
+        if not decode:
             return
         self._starved_since = self._starved_since or now
         patience = 0.25 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S)

@@ -12,7 +12,7 @@ import pytest
 from distributed.protocol import deserialize_bytes, serialize_bytes
 from fixtures_models import hf_greedy, random_prompts
 
-from pdbatch.engines.builtin.decode import DecodeEngine, generate
+from pdbatch.engines.builtin.decode import DecodeEngine, generate, kv_shape
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.engines.builtin.prefill import PrefillEngine, length_buckets
 from pdbatch.engines.request import Request
@@ -81,6 +81,28 @@ def test_disaggregated_engines_match_hf_with_arrivals_mid_decode(family, request
         engine.close()
     outs = [next(decoded) if isinstance(p, KVPacket) else p for p in results]
     assert_matches_hf(lm, reqs, outs)
+
+
+def test_a_long_row_after_a_wide_pool_of_short_ones_is_decoded(llama):
+    """Seen on the prefill-heavy bench workload: the KV pool grew to many slots for short rows;
+    once they were done, a long row fitted the budget alone but not that many slots of its
+    length, and the decode loop spun for ever on it. An idle pool is reshaped for it."""
+    short = [Request(f"s{i}", p, SamplingParams(max_new_tokens=4, ignore_eos=True))
+             for i, p in enumerate(random_prompts(16, llama.tokenizer.vocab_size, seed=11, min_len=8, max_len=16))]
+    long = Request("long", random_prompts(1, llama.tokenizer.vocab_size, seed=12, min_len=600, max_len=600)[0],
+                   SamplingParams(max_new_tokens=8, ignore_eos=True))
+    prefill = PrefillEngine(llama, max_batch_tokens=2048)
+    per_token = 2 * llama.model.config.num_hidden_layers * kv_shape(llama)[1] * kv_shape(llama)[2] * 4
+    engine = DecodeEngine(llama, kv_budget_bytes=1000 * per_token, max_num_seqs=64)  # 16 x 64 positions fit
+    try:
+        futs = [engine.submit(p) for p in prefill.run(short)]
+        outs = [f.result(timeout=60) for f in futs]
+        wide = engine.cache.slots
+        assert wide >= 8 and engine.cache.pool_bytes(wide, 608) > engine.cache.budget_bytes
+        out = engine.submit(prefill.run([long])[0]).result(timeout=60)
+    finally:
+        engine.close()
+    assert_matches_hf(llama, [*short, long], [*outs, out])
 
 
 def test_length_buckets_respect_token_budget():

@@ -54,9 +54,14 @@ class SlotKVCache(Cache):
         return len(self.lengths)
 
     def fits(self, reserve_len: int) -> bool:
-        """Can one more sequence needing `reserve_len` positions be admitted now?"""
+        """Can one more sequence needing `reserve_len` positions be admitted now? An empty pool is
+        reallocated for it (_grow), whatever its shape: a pool grown wide for short sequences must
+        not refuse a long one for ever (measured: a decode loop spinning on a packet that fitted
+        the budget alone but not the idle pool's slot count)."""
         if self.n + 1 > self.max_slots:
             return False
+        if not self.n:
+            return self.ever_fits(reserve_len)
         need_slots, need_len = max(self.slots, self.n + 1), max(self.max_len, reserve_len)
         return self.pool_bytes(need_slots, need_len) <= self.budget_bytes
 
@@ -66,7 +71,10 @@ class SlotKVCache(Cache):
     def _grow(self, need_slots: int, need_len: int) -> None:
         if need_slots <= self.slots and need_len <= self.max_len:
             return
-        need_slots, need_len = max(need_slots, self.slots), max(need_len, self.max_len)
+        if self.n:  # sequences are held: the pool only grows
+            need_slots, need_len = max(need_slots, self.slots), max(need_len, self.max_len)
+        else:  # empty: a fresh pool shaped for what is asked (see fits)
+            self.k, self.v, self.slots, self.max_len = [], [], 0, 0
         # Slots double when the budget allows (few reallocations). The length axis grows only to
         # the longest reservation (rounded to 64): every slot pays for it, so doubling it would
         # spend the budget on padding and admit fewer sequences.

@@ -53,6 +53,10 @@ def test_bench_cli_writes_figures(bench_runs):
         assert s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["wall_s"] + 1e-6
         assert len(s["per_row"]["ttft_s"]) == 8
     assert result["outputs_equal"] is True
+    for name in ("disaggregated", "colocated"):  # start-up is reported apart from the timed run
+        up = result["systems"][name]["startup"]
+        assert min(up.values()) > 0 and result["systems"][name]["startup_s"] >= sum(up.values()) - 0.01
+    assert "start-up s (not in wall s" in r.stdout
     assert {"cores", "gpu", "torch", "transformers", "dask"} <= set(result["machine"])
     w = result["workload"]
     assert w["rows"] == 8 and w["prompt_len"] == [16, 48] and w["output_len"] == [4, 12] and w["prefix_share"] == 0.25
@@ -96,14 +100,34 @@ def test_bench_puts_vllm_beside_pdbatch_on_the_vllm_engine(bench_runs):
 
 
 def test_plan_cli_recommends_a_ratio(tmp_path):
-    r = run_cli("plan", *TINY, "--workers", "3", "--sample-rows", "4", "--json", tmp_path / "plan.json", timeout=120)
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert "recommended: --prefill-workers" in r.stdout
-    rec = json.loads((tmp_path / "plan.json").read_text())["recommendation"]
-    best = rec["best"]
-    assert best["prefill_workers"] + best["decode_workers"] == 3 and min(best["prefill_workers"], best["decode_workers"]) >= 1
-    assert best["rows_per_s"] == max(s["rows_per_s"] for s in rec["splits"]) > 0
-    assert 1 <= rec["decode_batch"] <= 8
+    """Calibrated with the chosen engine: the built-in one, and vLLM's where it is installed
+    (eager: seconds of start-up), side by side."""
+    from pdbatch.engines.vllm.settings import vllm_available
+
+    engines = ["builtin"] + (["vllm"] if vllm_available() else [])
+    runs = run_clis(*(["plan", *TINY, "--workers", "3", "--sample-rows", "4", "--engine", e, "--enforce-eager",
+                       "--json", tmp_path / f"{e}.json"] for e in engines), timeout=300)
+    for engine, r in zip(engines, runs):
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert "recommended: --prefill-workers" in r.stdout and f"engine {engine}" in r.stdout
+        plan = json.loads((tmp_path / f"{engine}.json").read_text())
+        cal, rec = plan["calibration"], plan["recommendation"]
+        assert cal["engine"] == engine and cal["prefill_tokens_per_s"] > 0
+        assert [d["batch"] for d in cal["decode"]] == [1, 2, 4, 8] and all(d["step_s"] > 0 for d in cal["decode"])
+        best = rec["best"]
+        assert best["prefill_workers"] + best["decode_workers"] == 3
+        assert min(best["prefill_workers"], best["decode_workers"]) >= 1
+        assert best["rows_per_s"] == max(s["rows_per_s"] for s in rec["splits"]) > 0
+        assert 1 <= rec["decode_batch"] <= 8
+
+
+def test_plan_refuses_an_unknown_engine(capsys):
+    from pdbatch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *TINY, "--engine", "sglang"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--engine" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -104,28 +104,41 @@ def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, syste
 @click.option("--workers", type=int, default=0, help="Total workers to split (default: cores / threads-per-worker, at least 2).")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Torch threads of one worker.")
 @click.option("--sample-rows", type=int, default=16, show_default=True, help="Rows used to measure prefill.")
+@click.option("--engine", default="builtin", show_default=True, help="Engine to calibrate: builtin or vllm.")
+@click.option("--enforce-eager/--no-enforce-eager", default=False, show_default=True,
+              help="vLLM: run eager, without torch.compile (the default compiles, as vLLM and pdbatch bench do).")
 @click.option("--json", "json_path", help="Also write the measurements and the recommendation to this file.")
 def plan(workload, rows, prompt_len, output_len, prefix_share, seed, model, max_batch_tokens, max_num_seqs,
-         kv_budget, dtype, device, workers, threads_per_worker, sample_rows, json_path):
-    """Measure one worker's prefill and decode rates for a model and workload, and recommend the
-    prefill:decode worker ratio (and decode batch size) that balances the two stages.
+         kv_budget, dtype, device, workers, threads_per_worker, sample_rows, engine, enforce_eager, json_path):
+    """Measure one worker's prefill and decode rates of an engine for a model and workload, and
+    recommend the prefill:decode worker ratio (and decode batch size) that balances the two stages.
     Confirm it with `pdbatch bench --prefill-workers P --decode-workers D`."""
     from pdbatch.bench.compare import resolve_model
     from pdbatch.bench.plan import calibrate, default_workers, plan_lines, recommend
     from pdbatch.bench.workloads import make_workload, token_pool
-    from pdbatch.config import parse_size
+    from pdbatch.config import build_config
+    from pdbatch.engines import ENGINES, engine_class
     from pdbatch.engines.builtin.model import load_model
 
+    if engine not in ENGINES:
+        raise click.BadParameter(f"must be one of {', '.join(ENGINES)}, got {engine!r}", param_hint="--engine")
     spec = _spec(workload, rows, prompt_len, output_len, prefix_share, seed)
     label, path = resolve_model(model)
-    lm = load_model(path, dtype=dtype, device=device)
+    lm = load_model(path, dtype=dtype, device=device)  # the workload's token pool and context limit
     spec.check_fits(lm.max_model_len)
     work = make_workload(spec, token_pool(lm.tokenizer, lm.model.get_input_embeddings().num_embeddings))
+    del lm
     workers = workers or default_workers(threads_per_worker)
-    click.echo(f"pdbatch plan: workload {spec.name}, model {label}, {workers} workers x {threads_per_worker} "
-               f"thread(s), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
-    cal = calibrate(lm, work, threads=threads_per_worker, max_batch_tokens=max_batch_tokens,
-                    max_num_seqs=max_num_seqs, kv_budget_bytes=parse_size(kv_budget), sample_rows=sample_rows)
+    job = build_config({"input": "-", "output": "-", "model": path, "engine": engine, "dtype": dtype, "device": device,
+                        "max_num_seqs": max_num_seqs, "max_batch_tokens": max_batch_tokens, "kv_budget": kv_budget,
+                        "enforce_eager": enforce_eager}, None)
+    # what a worker's EngineHost hands its engine (driver/worker.py); KV moves, as in a P/D job
+    options = {**job.engine_options(), "engine": engine, "dtype": dtype, "mode": job.mode,
+               "threads": threads_per_worker, "enforce_eager": enforce_eager}
+    engine_class(engine).check_options(options)
+    click.echo(f"pdbatch plan: workload {spec.name}, model {label}, engine {engine}, {workers} workers x "
+               f"{threads_per_worker} thread(s), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+    cal = calibrate(options, work, sample_rows=sample_rows)
     rec = recommend(cal, workers)
     for line in plan_lines(cal, rec):
         click.echo(line)

@@ -280,6 +280,11 @@ def table(result: dict) -> list[str]:
     for k, v in r.items():
         if k.endswith("_output_tokens_per_s") and v is not None:
             lines.append(f"{k.removesuffix('_output_tokens_per_s').replace('_over_', ' / ')}: output tok/s {v}")
+    # generate_batch's startup_s is set-up inside its timed call, counted in its wall_s
+    up = [f"{name} {s['startup_s']:.1f}" for name, s in result["systems"].items()
+          if name in (*PDBATCH_SYSTEMS, "vllm") and s.get("startup_s") is not None]
+    if up:
+        lines.append("start-up s (not in wall s; cluster, engine build/compile, warm-up): " + ", ".join(up))
     lines.append(("greedy outputs: equal across " if result["outputs_equal"] else
                   "greedy outputs: within --allow-mismatch across ") + ", ".join(result["systems"]))
     return lines

@@ -64,10 +64,17 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
         done = od.prepare({"input": plan.fingerprint(), **cfg.result_options()}, True)
         return plan, Pipeline(cfg, client, plan, od, done, protocol=protocol)
 
+    t_start = time.time()
     with connect(cfg) as (client, protocol, _):
+        t_cluster = time.time()
         _, warm = pipeline(client, protocol, warmup_path, out_dir + ".warmup", 1)
-        warm.register_engines()
+        warm.register_engines()  # returns once every worker's engine is built (vLLM: compiled too)
+        t_engines = time.time()
         warm.run()
+        # start-up, apart from the timed run: what a user waits before the first row
+        startup = {"startup_s": round(time.time() - t_start, 3), "startup": {
+            "cluster_s": round(t_cluster - t_start, 3), "engines_s": round(t_engines - t_cluster, 3),
+            "warmup_s": round(time.time() - t_engines, 3)}}
         names = {a: str(w["name"]) for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
         before, cpu0 = client.run(worker_status), client.run(time.process_time)
         plan, pipe = pipeline(client, protocol, input_path, out_dir, cfg.unit_rows)
@@ -84,7 +91,7 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
     outputs, ttft, tpot = _read_rows(out_dir, plan, cfg.mode, t0, stream.data)
     return SystemRun(outputs, wall, ttft, tpot, cpu, {
         "workers": workers, "timeline": timeline, "pdbatch_report": report,
-        "unit_rows": cfg.unit_rows, "units": len(plan.units), **_roles(report), **_repeats(stream.data)})
+        "unit_rows": cfg.unit_rows, "units": len(plan.units), **startup, **_roles(report), **_repeats(stream.data)})
 
 
 def _roles(report: dict) -> dict:

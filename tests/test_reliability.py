@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -531,3 +533,28 @@ def test_latency_samples_are_bounded():
         sent = r.seen
     assert len(r) == 1000 and r.seen == 100_000
     assert abs(percentile(r, 50) - 50_000) < 5_000  # a uniform sample: the median stays close
+
+
+def test_a_gather_left_pending_at_client_close_prints_no_traceback():
+    """Seen under load: the driver gave up on a write's result (RESULT_TIMEOUT_S), restarted the
+    unit, and at exit asyncio printed "Task exception was never retrieved" with Dask's AllExit
+    traceback after the job's last line. The driver's log set-up drops exactly that record."""
+    code = (
+        "import asyncio, gc, logging\n"
+        "from distributed.client import AllExit\n"
+        "from pdbatch.driver.cluster import quiet_dask_logs\n"
+        "logging.basicConfig(format='%(message)s')\n"
+        "quiet_dask_logs()\n"
+        "async def boom(exc):\n"
+        "    raise exc\n"
+        "async def main():\n"
+        "    for exc in (AllExit(), ValueError('kept')):\n"
+        "        t = asyncio.ensure_future(boom(exc))\n"
+        "        await asyncio.sleep(0.01)\n"
+        "        del t\n"
+        "        gc.collect()\n"
+        "asyncio.run(main())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "AllExit" not in res.stderr
+    assert res.stderr.count("Task exception was never retrieved") == 1 and "ValueError: kept" in res.stderr

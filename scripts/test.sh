@@ -22,7 +22,9 @@
 #              PDBATCH_TEST_LOCK (the lock to install; default requirements/test.lock;
 #                scripts/check_fresh_install.sh --unlocked passes a freshly resolved one),
 #              PDBATCH_SKIP_INSTALL=1 (skip steps 1-2 and reuse the venv the last run made:
-#                for iterating on tests, not for CI).
+#                for iterating on tests, not for CI),
+#              PDBATCH_TEST_PROCESSES (pytest processes side by side, one test file each at a
+#                time; default 2, 0 = all in one process).
 # The Slurm tests start slurmctld/slurmd/munged themselves and need root.
 set -euo pipefail
 
@@ -104,6 +106,10 @@ export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH:/usr/sbin:/sbin"
 unset PYTHONHOME
 
+# Two pytest processes (pytest-xdist), one test file at a time each: a lone `pdbatch run`
+# keeps ~1.2 of 2 cores busy while its processes start, and a file's module fixtures (shared
+# runs) stay in one process. -n 0 (PDBATCH_TEST_PROCESSES=0, or -n 0 among the arguments, which
+# come last and win) runs in this process.
 status=0
-"$VENV/bin/python" -m pytest -q -rfEs "$@" || status=$?
+"$VENV/bin/python" -m pytest -q -rfEs -n "${PDBATCH_TEST_PROCESSES:-2}" --dist loadfile "$@" || status=$?
 exit "$status"

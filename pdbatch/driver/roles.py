@@ -166,16 +166,19 @@ class Roles:
             self._starved_since = None
             return  # a prefill worker has room: the units go there this tick
         need = -(-v.queued_prefill // PREFILL_DEPTH)
-        drained = sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
-        for a in drained[:need]:
+        for a in self._drained(v, decode)[:need]:
             self.switch(a, "prefill", "decode drained, units wait for prefill", now)
         self._starved_since = None
+
+    def _drained(self, v: View, decode: list[str]) -> list[str]:
+        """Decode workers with no rows left, by name."""
+        return sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
 
     def _no_prefill(self, v: View, decode: list[str], now: float) -> None:
         """Units wait for prefill and no worker prefills: a drained decode worker switches at
         once; else the least-loaded one after a patience (its rows finish in its engine
         alongside the prefill, as in colocated mode)."""
-        drained = sorted((a for a in decode if not v.decode_rows.get(a)), key=lambda a: self.names.get(a, a))
+        drained = self._drained(v, decode)
         if drained:
             self.switch(drained[0], "prefill", "decode drained, units wait for prefill", now)
             self._starved_since = None

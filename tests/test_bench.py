@@ -14,6 +14,7 @@ from pdbatch.bench.systems import SYSTEMS, SystemRun
 from pdbatch.bench.workloads import WorkloadSpec, make_workload, parse_range
 from pdbatch.errors import UserError
 from pdbatch.io.prompts import RowError, encode_prompt
+from pdbatch.toymodels import build_qwen2
 
 TINY = ["--rows", "8", "--prompt-len", "16-48", "--output-len", "4-12"]
 PER_SYSTEM = ("output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "wall_s")
@@ -105,8 +106,16 @@ def test_plan_cli_recommends_a_ratio(tmp_path):
     from pdbatch.engines.vllm.settings import vllm_available
 
     engines = ["builtin"] + (["vllm"] if vllm_available() else [])
-    runs = run_clis(*(["plan", *TINY, "--workers", "3", "--sample-rows", "4", "--engine", e, "--enforce-eager",
-                       "--json", tmp_path / f"{e}.json"] for e in engines), timeout=300)
+    jobs = [["plan", *TINY, "--workers", "3", "--sample-rows", "4", "--engine", e, "--enforce-eager",
+             "--json", tmp_path / f"{e}.json"] for e in engines]
+    if vllm_available():  # all layers sliding-window: vLLM refuses to move its KV once the engine is built
+        swa = build_qwen2(tmp_path / "swa", seed=0, use_sliding_window=True, sliding_window=64, max_window_layers=0)
+        jobs.append(["plan", *TINY, "--sample-rows", "4", "--engine", "vllm", "--enforce-eager", "--model", swa])
+    runs = run_clis(*jobs, timeout=300)
+    if vllm_available():
+        refused = runs.pop()
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith("pdbatch: error: --engine vllm cannot move KV")
     for engine, r in zip(engines, runs):
         assert r.returncode == 0, r.stderr + r.stdout
         assert "recommended: --prefill-workers" in r.stdout and f"engine {engine}" in r.stdout

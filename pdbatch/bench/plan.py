@@ -33,6 +33,7 @@ import time
 from pdbatch.bench.engine import Workload
 from pdbatch.engines.request import Request
 from pdbatch.engines.sampling import SamplingParams
+from pdbatch.errors import UserError
 
 DECODE_STEPS, WARMUP_STEPS = 8, 2
 
@@ -52,6 +53,9 @@ def calibrate(options: dict, work: Workload, *, sample_rows: int = 16, timeout_s
                        "sample_rows": sample_rows}, f)
         proc = subprocess.run([sys.executable, "-m", "pdbatch.bench.plan", src, dst], env=env, timeout=timeout_s,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode == 2 and os.path.exists(dst):  # the engine refused the model or an option
+            with open(dst) as f:
+                raise UserError(json.load(f)["user_error"])
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
             raise RuntimeError(f"the {options['engine']} engine's calibration failed (exit {proc.returncode}):\n{tail}")
@@ -179,7 +183,12 @@ def default_workers(threads: int) -> int:
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         job = json.load(f)
-    result = calibrate_here(job["options"], Workload(prompts=job["prompts"], out_lens=job["out_lens"]),
-                            job["sample_rows"])
+    try:
+        result = calibrate_here(job["options"], Workload(prompts=job["prompts"], out_lens=job["out_lens"]),
+                                job["sample_rows"])
+    except UserError as e:  # found only when the engine is built: one line in the parent, exit 2
+        with open(sys.argv[2], "w") as f:
+            json.dump({"user_error": str(e)}, f)
+        sys.exit(2)
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)

@@ -62,7 +62,10 @@ def ucxx_cluster(tmp_path, monkeypatch):
     for k, v in UCX_ENV.items():
         monkeypatch.setenv(k, v)  # the client (this process) needs them too
     # scratch dirs and locks of scheduler and workers under tmp_path, not /tmp/dask-scratch-space
-    env = {**os.environ, **UCX_ENV, "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
+    env = {**os.environ, **UCX_ENV, "DASK_TEMPORARY_DIRECTORY": str(tmp_path),
+           # no Active Memory Manager: its ReduceReplicas may drop the prefill worker's copy once
+           # the decode worker holds one (seen under load), and the test asks where the data is
+           "DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
     sched_file = tmp_path / "scheduler.json"
     log = open(tmp_path / "dask.log", "wb")
     procs = []

@@ -11,6 +11,7 @@ times, peak RSS) are printed with `pytest -s` and appended to $PDBATCH_RELIABILI
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -554,7 +555,51 @@ def test_a_gather_left_pending_at_client_close_prints_no_traceback():
         "        del t\n"
         "        gc.collect()\n"
         "asyncio.run(main())\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    res = _python(code)
     assert "AllExit" not in res.stderr
     assert res.stderr.count("Task exception was never retrieved") == 1 and "ValueError: kept" in res.stderr
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (its own logging set-up); it must exit 0."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_a_heartbeat_racing_the_workers_close_prints_no_traceback():
+    """Dask's heartbeat, in flight while its worker closes, finds the connection pool closed
+    and logged a RuntimeError traceback after the job's last line. A real worker, its pool
+    closed, then a heartbeat: without the worker's log set-up the traceback prints; with it,
+    not, and another heartbeat failure still does."""
+    code = (
+        "import asyncio, logging, sys\n"
+        "from distributed import Scheduler, Worker\n"
+        "from pdbatch.driver.worker import quiet_worker_logs\n"
+        "logging.basicConfig(format='%(name)s: %(message)s')\n"
+        "async def beat(w):\n"
+        "    try:\n"
+        "        await w.heartbeat()\n"
+        "    except RuntimeError as e:\n"
+        "        print('raised:', e, file=sys.stderr, flush=True)\n"
+        "async def main():\n"
+        "    async with Scheduler(dashboard_address=':0') as s:\n"
+        "        for quiet in (False, True):\n"
+        "            w = await Worker(s.address, dashboard=False)\n"
+        "            if quiet:\n"
+        "                quiet_worker_logs()\n"
+        "            print('quiet' if quiet else 'loud', file=sys.stderr, flush=True)\n"
+        "            await w.rpc.close()\n"
+        "            await beat(w)\n"
+        "            await w.close()\n"
+        "asyncio.run(main())\n")
+    res = _python(code)
+    loud, quiet = res.stderr.split("\nquiet\n")
+    assert "Unexpected exception during heartbeat" in loud and "Traceback" in loud
+    assert "Unexpected exception during heartbeat" not in quiet and "Traceback" not in quiet, quiet
+    assert quiet.count("raised: ConnectionPool is closed") == 1  # the heartbeat still failed
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                               "Unexpected exception during heartbeat. Closing worker.", None,
+                               (ValueError, ValueError("other"), None))
+    from pdbatch.driver.worker import _DropHeartbeatAfterClose
+    assert _DropHeartbeatAfterClose().filter(record)  # any other failure still prints

@@ -23,6 +23,25 @@ PLUGIN_NAME = "pdbatch-engines"
 log = logging.getLogger("pdbatch.worker")
 
 
+class _DropHeartbeatAfterClose(logging.Filter):
+    """Dask's heartbeat can race the worker's own close: a heartbeat in flight finds the
+    worker's connection pool closed and logs "Unexpected exception during heartbeat" with a
+    RuntimeError traceback, on the user's terminal after the job's last line (seen at the end of
+    a bench run). The worker was closing anyway and nothing is lost: drop exactly that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, RuntimeError) and str(exc) == "ConnectionPool is closed"
+                    and record.getMessage().startswith("Unexpected exception during heartbeat"))
+
+
+def quiet_worker_logs() -> None:
+    """In a worker process (EngineHost.setup): the heartbeat-after-close record goes."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _DropHeartbeatAfterClose) for f in logger.filters):
+        logger.addFilter(_DropHeartbeatAfterClose())
+
+
 def worker_roles(resources: dict) -> set[str]:
     return {r for r in ("prefill", "decode") if resources.get(r, 0) > 0}
 
@@ -47,6 +66,7 @@ class EngineHost(WorkerPlugin):
         from ..engines import create_engine
         from ..monitoring.metrics import install_worker_metrics
 
+        quiet_worker_logs()
         o = self.options
         t0 = time.time()
         name = str(worker.name)

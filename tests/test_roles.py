@@ -17,6 +17,7 @@ import torch
 from fixtures_models import hf_greedy
 from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis
 
+from pdbatch.driver.pacing import DecodeSlots, may_prefill
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.monitoring.dashboard_page import roles_html
@@ -151,6 +152,38 @@ def test_fixed_split_without_rebalancing_never_switches(sixty, tmp_path):
     assert r["roles"]["final"] == r["roles"]["initial"] == {"decode-0": "decode", "prefill-0": "prefill"}
     assert r["rows_by_prefill_worker"] == {"prefill-0": 60} and r["rows_by_decode_worker"] == {"decode-0": 60}
     assert r["kv_bytes_moved"] > 0
+
+
+def test_fixed_split_paces_prefill_to_the_decode_slots(sixty, tmp_path):
+    """With 4 decode slots and units of 4 rows, the second unit cannot have a slot while the
+    first prefills: it waits before its prefill (pacing.py), and every row is still exact."""
+    out = tmp_path / "out"
+    res = run_cli("run", sixty[0] / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos",
+                  "--progress", "none", "--no-rebalance", "--max-num-seqs", 4, "--unit-rows", 4)
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == sixty[1]
+    r = read_report(out)
+    assert r["units"] == 15 and 1 <= r["units_paced"] < 15, r["units_paced"]
+    assert r["rows_by_decode_worker"] == {"decode-0": 60}
+
+
+def test_pacing_rule():
+    slots = DecodeSlots
+    # occupied: the heartbeat's rows plus what it cannot have seen yet, never above what was routed
+    assert slots(10, 0, None).occupied() == 10
+    assert slots(10, 4, 3).occupied() == 7
+    assert slots(10, 4, 9).occupied() == 10
+    assert slots(0, 0, 5).occupied() == 0  # a stale heartbeat of rows already written
+    # no decoder yet: prefill runs ahead, its KV waits on the prefill worker
+    assert may_prefill(8, [], committed_rows=100, max_num_seqs=4)
+    # slots free for the unit after the rows already on their way
+    assert may_prefill(4, [slots(0, 0, 0)], committed_rows=4, max_num_seqs=8)
+    assert not may_prefill(4, [slots(0, 0, 0)], committed_rows=5, max_num_seqs=8)
+    assert not may_prefill(4, [slots(6, 0, 6)], committed_rows=0, max_num_seqs=8)
+    assert may_prefill(4, [slots(6, 0, 6), slots(2, 0, 2)], committed_rows=0, max_num_seqs=8)
+    # a unit larger than every slot together goes once they are all free: the job always moves
+    assert may_prefill(100, [slots(0, 0, 0), slots(0, 0, None)], committed_rows=0, max_num_seqs=8)
+    assert not may_prefill(100, [slots(1, 0, 1), slots(0, 0, 0)], committed_rows=0, max_num_seqs=8)
 
 
 # --- the rules on their own -------------------------------------------------------------------------

@@ -9,7 +9,9 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   on the driver (a prefill worker gets at most roles.PREFILL_DEPTH units, a decode worker at
   most its fair share of the decode work, its own prefilled units first) so that whichever
   worker changes role finds work; with rebalancing off, what follows holds as written;
-- a unit's prefill goes to the prefill worker with the fewest units in progress;
+- a unit's prefill goes to the prefill worker with the fewest units in progress; in a fixed
+  split, only once the decode workers' free slots hold its rows (pacing.py: a row waits for a
+  slot before its prefill, not with its first token out);
 - when its prefill finishes, its decode goes to the decode worker with the most free KV budget
   (its budget minus the KV already routed to it and not yet decoded); when every decode worker
   already has two units and its budget's worth of packets routed to it, the unit waits with its
@@ -37,9 +39,10 @@ from ..config import JobConfig
 from ..io.dataset import ROW_ID, InputPlan, WorkUnit, read_unit
 from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
+from .pacing import HEARTBEAT_LAG_S, DecodeRate, DecodeSlots, may_prefill
 from .quarantine import Quarantine, Suspect
-from .watchdog import Watchdog
 from .roles import PREFILL_DEPTH, Roles, View
+from .watchdog import Watchdog
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
 from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
 
@@ -68,6 +71,7 @@ class _Unit:
     decode_started: float = 0.0
     work: int = 0  # decode work: the rows' max_new_tokens summed (what fair shares weigh)
     waiting_since: float = 0.0  # prefilled, waiting for a decoder since (0: not waiting)
+    prefill_started: float = 0.0
     probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
 
 
@@ -92,6 +96,9 @@ class Pipeline:
         self.decode_kv_peak: dict[str, int] = {}  # the most decode_kv held at once, for the report
         self.budgets: dict[str, int] = {}
         self.workers: dict[str, dict] = {}
+        self.engine_rows: dict[str, int] = {}  # rows in each decode engine at its last heartbeat
+        self.paced: set[str] = set()  # units that waited for decode slots before prefill (pacing.py)
+        self.decode_rate = DecodeRate()
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
         self.quarantine = Quarantine()
         self.retries = 0
@@ -126,6 +133,9 @@ class Pipeline:
         self.workers = {addr: {"name": str(w.get("name")), "resources": w.get("resources", {}),
                                "status": w.get("status")} for addr, w in info.items()}
         self.names.update({a: w["name"] for a, w in self.workers.items()})
+        metrics = {a: (w.get("metrics") or {}).get("pdbatch") or {} for a, w in info.items()}
+        self.engine_rows = {a: int(m.get("decode_active", 0)) + int(m.get("decode_waiting", 0))
+                            for a, m in metrics.items() if "decode_active" in m}
         self.roles.sync(self.workers)
         new = [a for a in self.workers if a not in self.budgets]
         if new:
@@ -168,7 +178,7 @@ class Pipeline:
         pool = self.role_workers("decode" if colocated else "prefill")
         if self.roles.rebalance:  # the rest waits on the driver, for whichever worker takes prefill
             pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH]
-        if not pool:
+        if not pool or (not colocated and not self.roles.rebalance and not self._decode_room(u)):
             u.phase = "queued"
             return False
         w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), a))
@@ -180,10 +190,31 @@ class Pipeline:
                                                 phase="generate", u=u, worker=w)}
             self._submit_write(u)
         else:
-            u.phase = "prefill"
+            u.phase, u.prefill_started = "prefill", time.time()
             u.futures = {"prefill": self._submit(prefill_unit, u.rows, self.columns, self.defaults,
                                                  phase="prefill", u=u, worker=w)}
         return True
+
+    def _decode_room(self, u: _Unit) -> bool:
+        """Fixed split: whether the decode workers have slots for u's rows (pacing.py)."""
+        now = time.time()
+        slots = {a: DecodeSlots(0, 0, self.engine_rows.get(a)) for a in self.resource_workers("decode")}
+        committed = 0
+        for x in self.inflight.values():
+            if x is u:
+                continue
+            if x.phase in ("prefill", "wait-room", "wait-decode"):
+                committed += x.rows.num_rows
+            elif x.phase == "decode" and x.decode_worker in slots:
+                d = slots[x.decode_worker]
+                d.routed_rows += x.rows.num_rows
+                if now - x.decode_started < HEARTBEAT_LAG_S:
+                    d.recent_rows += x.rows.num_rows
+        room = may_prefill(u.rows.num_rows, list(slots.values()), committed, self.cfg.max_num_seqs,
+                           self.decode_rate.freed_during_prefill(now))
+        if not room:
+            self.paced.add(u.unit.unit_id)
+        return room
 
     def submit_decode(self, u: _Unit) -> bool:
         """Route a prefilled unit to the decode worker with the most free KV budget."""
@@ -407,6 +438,8 @@ class Pipeline:
 
     def _check_stall(self, since: float | None) -> float | None:
         waiting = [u.phase for u in self.inflight.values() if u.phase in ("queued", "wait-decode")]
+        if self.role_workers("prefill"):  # queued units may be paced (pacing.py), not stalled
+            waiting = [p for p in waiting if p != "queued"]
         if self.roles.rebalance and self.roles.pool("prefill", set(self.live_workers())) \
                 + self.roles.pool("decode", set(self.live_workers())):
             waiting = []  # some worker can take either role: rebalancing gives it the work
@@ -455,6 +488,7 @@ class Pipeline:
         elif u.phase == "prefill" and u.futures["prefill"].status == "finished":
             self.watchdog.progress()
             self._end_prefill_load(u)
+            self.decode_rate.unit_prefilled(time.time() - u.prefill_started)
             self.submit_decode(u)
         elif u.probe is not None and "decode" in u.futures and u.futures["decode"].status == "finished":
             out = self._result(u, "decode")
@@ -468,6 +502,7 @@ class Pipeline:
             if summary is not None:
                 self.watchdog.progress()
                 self.roles.unit_decoded(time.time() - u.decode_started)
+                self.decode_rate.unit_written(u.rows.num_rows, time.time())
                 self._record(summary)
                 self._release(u)
                 del self.inflight[u.unit.unit_id]
@@ -500,6 +535,7 @@ class Pipeline:
         report["worker_memory"] = self._worker_memory()
         report["unit_rows"] = self.cfg.unit_rows
         report["unit_rows_source"] = self.unit_rows_source
+        report["units_paced"] = len(self.paced)
         if self.cfg.mode == "disaggregated":
             report["roles"] = self.roles.report()
             report["role_switches"] = self.roles.switches

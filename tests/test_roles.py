@@ -17,7 +17,7 @@ import torch
 from fixtures_models import hf_greedy
 from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis
 
-from pdbatch.driver.pacing import DecodeSlots, may_prefill
+from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.monitoring.dashboard_page import roles_html
@@ -184,6 +184,20 @@ def test_pacing_rule():
     # a unit larger than every slot together goes once they are all free: the job always moves
     assert may_prefill(100, [slots(0, 0, 0), slots(0, 0, None)], committed_rows=0, max_num_seqs=8)
     assert not may_prefill(100, [slots(1, 0, 1), slots(0, 0, 0)], committed_rows=0, max_num_seqs=8)
+    # slots that free while the unit prefills count: rows written per second x a unit's prefill time
+    assert may_prefill(4, [slots(8, 0, 8)], committed_rows=0, max_num_seqs=8, freed_soon=4)
+    assert not may_prefill(4, [slots(8, 0, 8)], committed_rows=0, max_num_seqs=8, freed_soon=3)
+    rate = DecodeRate(window_s=30.0)
+    assert rate.freed_during_prefill(0.0) == 0  # nothing measured yet: no slot is counted
+    rate.unit_written(8, now=100.0)
+    rate.unit_prefilled(2.0)
+    assert rate.freed_during_prefill(101.0) == 0  # one unit marks the window's start only
+    rate.unit_written(8, now=104.0)
+    rate.unit_written(8, now=108.0)
+    assert rate.freed_during_prefill(108.0) == 4  # 16 rows in 8 s, for 2 s of prefill
+    rate.unit_prefilled(7.0)  # a moving average: 0.8 x 2 + 0.2 x 7 = 3 s
+    assert rate.freed_during_prefill(108.0) == 6
+    assert rate.freed_during_prefill(200.0) == 0  # the window moved past every unit
 
 
 # --- the rules on their own -------------------------------------------------------------------------

@@ -106,7 +106,6 @@ def run_job_on_gpu(model_dir: Path, inp: Path, outdir: Path, **options) -> tuple
 
 
 def check_correctness(model_dir: Path, out: Path, rows: int) -> dict:
-    import pyarrow.dataset as ds
     import torch
 
     from pdbatch.engines.builtin.model import load_model
@@ -115,7 +114,7 @@ def check_correctness(model_dir: Path, out: Path, rows: int) -> dict:
     prompts = prompts_table(inp, rows, 30000, 8, 200, seed=1)
     report, info = run_job_on_gpu(model_dir, inp, out / "check-out", dtype="float32", max_new_tokens=32,
                                   ignore_eos=True, unit_rows=8)
-    got = {r["id"]: r["output_token_ids"] for r in ds.dataset(str(out / "check-out")).to_table().to_pylist()}
+    got = _output_ids(out / "check-out")
     lm = load_model(str(model_dir), dtype="float32", device="cuda")
     mismatched = 0
     for i, prompt in enumerate(prompts):
@@ -123,8 +122,7 @@ def check_correctness(model_dir: Path, out: Path, rows: int) -> dict:
         ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
                                 eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
         mismatched += ref != got[f"r{i:05d}"]
-    staged = sum(s.get("kv_packets_host_staged", 0) for s in info["status"].values())
-    packets = sum(s.get("kv_packets", 0) for s in info["status"].values())
+    packets, staged = _packet_counts(info)
     ucx_bytes = report["dask_transfer_bytes_this_run"]  # running totals: the logs keep only recent transfers
     del lm
     torch.cuda.empty_cache()
@@ -133,10 +131,22 @@ def check_correctness(model_dir: Path, out: Path, rows: int) -> dict:
             "protocol": report["protocol"]}
 
 
-def check_vllm(model_dir: Path, out: Path, rows: int, dtype: str = "bfloat16") -> dict:
-    """vLLM engine: P/D over UCXX against vLLM colocated (same kernels, no KV moved), bf16."""
+def _output_ids(outdir: Path) -> dict:
+    """A job's output token ids by row id."""
     import pyarrow.dataset as ds
 
+    return {r["id"]: r["output_token_ids"] for r in ds.dataset(str(outdir)).to_table().to_pylist()}
+
+
+def _packet_counts(info: dict) -> tuple[int, int]:
+    """KV packets the workers' engines took in, and how many of them arrived in host memory."""
+    status = info["status"].values()
+    return (sum(s.get("kv_packets", 0) for s in status),
+            sum(s.get("kv_packets_host_staged", 0) for s in status))
+
+
+def check_vllm(model_dir: Path, out: Path, rows: int, dtype: str = "bfloat16") -> dict:
+    """vLLM engine: P/D over UCXX against vLLM colocated (same kernels, no KV moved), bf16."""
     inp = out / "check-vllm.parquet"
     prompts_table(inp, rows, 30000, 8, 200, seed=3)
     common = dict(engine="vllm", dtype=dtype, max_new_tokens=32, ignore_eos=True, unit_rows=8,
@@ -146,13 +156,10 @@ def check_vllm(model_dir: Path, out: Path, rows: int, dtype: str = "bfloat16") -
     pd_s = time.time() - t
     colocated, _ = run_job_on_gpu(model_dir, inp, out / "check-vllm-colocated", mode="colocated", **common)
 
-    def rows_of(d):
-        return {r["id"]: r["output_token_ids"] for r in ds.dataset(str(out / d)).to_table().to_pylist()}
-
-    pd, alone = rows_of("check-vllm-pd"), rows_of("check-vllm-colocated")
+    pd, alone = _output_ids(out / "check-vllm-pd"), _output_ids(out / "check-vllm-colocated")
+    packets, staged = _packet_counts(info)
     return {"rows": rows, "mismatched_rows": sum(pd.get(k) != v for k, v in alone.items()),
-            "kv_packets": sum(s.get("kv_packets", 0) for s in info["status"].values()),
-            "host_staged_packets": sum(s.get("kv_packets_host_staged", 0) for s in info["status"].values()),
+            "kv_packets": packets, "host_staged_packets": staged,
             "kv_bytes_moved": report["kv_bytes_moved"], "protocol": report["protocol"],
             "dask_transfer_bytes": report["dask_transfer_bytes_this_run"], "pd_job_s": round(pd_s, 1),
             "colocated_rows": colocated["rows"]}

@@ -198,18 +198,14 @@ class Pipeline:
     def _decode_room(self, u: _Unit) -> bool:
         """Fixed split: whether the decode workers have slots for u's rows (pacing.py)."""
         now = time.time()
-        slots = {a: DecodeSlots(0, 0, self.engine_rows.get(a)) for a in self.resource_workers("decode")}
+        routed = self._decode_units(self.resource_workers("decode"))[1]
+        slots = {a: DecodeSlots(n, 0, self.engine_rows.get(a)) for a, n in routed.items()}
         committed = 0
         for x in self.inflight.values():
-            if x is u:
-                continue
-            if x.phase in ("prefill", "wait-room", "wait-decode"):
+            if x is not u and x.phase in ("prefill", "wait-room", "wait-decode"):
                 committed += x.rows.num_rows
-            elif x.phase == "decode" and x.decode_worker in slots:
-                d = slots[x.decode_worker]
-                d.routed_rows += x.rows.num_rows
-                if now - x.decode_started < HEARTBEAT_LAG_S:
-                    d.recent_rows += x.rows.num_rows
+            elif x.phase == "decode" and x.decode_worker in slots and now - x.decode_started < HEARTBEAT_LAG_S:
+                slots[x.decode_worker].recent_rows += x.rows.num_rows
         room = may_prefill(u.rows.num_rows, list(slots.values()), committed, self.cfg.max_num_seqs,
                            self.decode_rate.freed_during_prefill(now))
         if not room:

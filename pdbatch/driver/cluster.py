@@ -135,6 +135,57 @@ def engine_pre_spawn_environ(cfg: JobConfig):
         yield
 
 
+# What a worker process imports before it can take work: ~10 s of CPU each on a 2-core VM.
+FORKSERVER_PRELOAD = ["distributed", "pdbatch.driver.worker", "pdbatch.engines.builtin"]
+
+
+def _forkserver_fits(cfg: JobConfig, gpus: int = 0) -> bool:
+    """Built-in engine, embedded cluster, CPU, tcp/tls. Not for vLLM (its LD_PRELOAD must be
+    there from each process's start), GPUs (dask-cuda spawns) or UCXX (UCX reads the variables
+    the driver sets for it when the worker starts)."""
+    return (cfg.engine == "builtin" and not cfg.existing_cluster and not gpus and cfg.device != "cuda"
+            and cfg.protocol in ("auto", "tcp"))
+
+
+@contextlib.contextmanager
+def _forkserver_method():
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context().set_forkserver_preload(FORKSERVER_PRELOAD)  # after Dask set its own list
+        yield
+
+
+def start_worker_forkserver(cfg: JobConfig) -> None:
+    """Start now, while the driver checks the model, the process the embedded workers fork from
+    (worker_start_method). It takes the environment a Nanny gives the workers it spawns (Dask's
+    pre-spawn environment), since forked workers inherit its environment, not the driver's."""
+    if not _forkserver_fits(cfg):
+        return
+    import multiprocessing.forkserver
+
+    env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", default={}).items()}
+    if env.get("PYTHONHASHSEED") in (None, "0"):
+        env["PYTHONHASHSEED"] = "6640"  # what a Nanny sets: the same hash seed in every worker
+    with preserved_environ(), _forkserver_method():
+        os.environ.update(env)
+        multiprocessing.forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def worker_start_method(cfg: JobConfig, gpus: int):
+    """Where it fits (_forkserver_fits), workers fork from a forkserver that imported torch,
+    transformers and the engine once, instead of each importing them: a job's start-up takes
+    ~40% less CPU, and a respawned worker takes work again within seconds. The forkserver is a
+    fresh, single-threaded process, so forking from it is safe; a worker's thread count is set
+    when its engine is built (an OpenMP loaded before would not read OMP_NUM_THREADS again)."""
+    if not _forkserver_fits(cfg, gpus):
+        yield
+        return
+    with _forkserver_method():
+        yield
+
+
 @contextlib.contextmanager
 def preserved_environ():
     """This process's environment as it was, once the embedded cluster is gone. A Nanny copies
@@ -200,7 +251,7 @@ def connect(cfg: JobConfig):
     if security is not None:
         scheduler["options"]["security"] = security
     threads = worker_threads(cfg, cfg.prefill_workers + cfg.decode_workers)
-    with preserved_environ():
+    with preserved_environ(), worker_start_method(cfg, gpus):
         with engine_pre_spawn_environ(cfg):
             cluster = SpecCluster(workers=worker_specs(cfg, protocol, threads, gpus, security), scheduler=scheduler,
                                   silence_logs=logging.WARNING, name="pdbatch", security=security)

@@ -20,15 +20,16 @@ from .roles import DEFAULT_UNIT_ROWS_CAP, auto_unit_rows
 
 
 def run_job(cfg: JobConfig, echo=None) -> dict:
-    from .cluster import connect
+    from .cluster import connect, start_worker_forkserver
     from .pipeline import Pipeline
 
     echo = echo or (lambda msg: click.echo(msg, err=True))
     if not cfg.input or not cfg.output:
         raise UserError("an input and an output directory are required")
     check_model_dir(cfg.model)  # fail in one line now, not in every worker later
-    engine_class(cfg.engine).check_options(cfg.engine_options())  # a model or option it cannot run
     plan = _plan(cfg, cfg.unit_rows or DEFAULT_UNIT_ROWS_CAP)  # the input is checked before any worker starts
+    start_worker_forkserver(cfg)  # its imports overlap the model check below
+    engine_class(cfg.engine).check_options(cfg.engine_options())  # a model or option it cannot run
     out = OutputDir(os.path.abspath(cfg.output))
     source = _unit_rows_from_job(cfg, out, plan)
     if cfg.unit_rows is not None:

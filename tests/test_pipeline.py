@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -258,13 +259,22 @@ def test_embedded_cluster_leaves_the_driver_environment_as_it_was(monkeypatch):
     that starts it: after the job the driver's environment must be what it was, or whatever it
     starts next (pdbatch bench's vLLM baseline) inherits one OpenMP thread."""
     from pdbatch.config import build_config
-    from pdbatch.driver.cluster import connect
+    from pdbatch.driver.cluster import connect, start_worker_forkserver
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("PDBATCH_TEST_MARK", "kept")
     before = dict(os.environ)
-    with connect(build_config({"input": "in", "output": "out"})) as (client, _, _):
+    cfg = build_config({"input": "in", "output": "out"})
+    start_worker_forkserver(cfg)  # as `pdbatch run` does, before its model check
+    with connect(cfg) as (client, _, _):
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
         inside = os.environ.get("OMP_NUM_THREADS")
+        # the workers forked from one forkserver (imports paid once), which had Dask's
+        # pre-spawn environment
+        parents = set(client.run(os.getppid).values())
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("PYTHONHASHSEED")))
     assert inside == "1"  # what Dask set while its workers were started: the test can fail
     assert dict(os.environ) == before
+    assert len(parents) == 1 and parents != {os.getpid()}
+    assert "forkserver" in " ".join(psutil.Process(parents.pop()).cmdline())
+    assert set(env.values()) == {("65536", "6640")}

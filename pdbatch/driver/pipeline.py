@@ -62,7 +62,6 @@ class _Unit:
     keep: object  # pa.Table of --keep-columns, or None
     rows: object  # pa.Table the prefill reads
     attempt: int = 0
-    taken_back: int = 0  # times its prefill was taken back from a worker turned decoder (new keys)
     phase: str = "prefill"
     prefill_worker: str | None = None
     counted_prefill: bool = False  # counts towards prefill_load of prefill_worker
@@ -103,7 +102,6 @@ class Pipeline:
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
         self.quarantine = Quarantine()
         self.retries = 0
-        self.taken_back = 0  # prefill units taken back from workers that became decoders
         self.failures: list[dict] = []  # failed attempts (unit, attempt, error) for report.json
         self.watchdog = Watchdog(client, cfg.stall_timeout)
         self.on_progress = on_progress or (lambda pipeline: None)
@@ -168,8 +166,7 @@ class Pipeline:
     # role. If that worker leaves, the driver notices (refresh) and resubmits the unit; Dask's
     # loose restrictions combined with resources can land a task on a worker of the wrong role.
     def _key(self, phase: str, u: _Unit) -> str:
-        back = f"b{u.taken_back}" if u.taken_back else ""
-        return f"{phase}-{u.unit.unit_id}-{self.token}-{u.attempt}{back}"
+        return f"{phase}-{u.unit.unit_id}-{self.token}-{u.attempt}"
 
     def _submit(self, fn, *args, phase: str, u: _Unit, worker: str) -> Future:
         return self.client.submit(fn, *args, key=self._key(phase, u), workers=[worker],
@@ -308,24 +305,9 @@ class Pipeline:
                 waiting += 1
                 oldest = min(oldest, x.waiting_since or now)
                 held[x.prefill_worker] = held.get(x.prefill_worker, 0) + 1
-        view = View(prefill_units=dict(self.prefill_load), decode_rows=rows, held=held,
-                    queued_prefill=queued, waiting_decode=waiting, oldest_wait_s=now - oldest)
-        for addr in self.roles.rebalance_tick(view, live, now):
-            self._take_back_prefill(addr)
-
-    def _take_back_prefill(self, addr: str) -> None:
-        """A worker that became a decoder keeps the prefill it is running and gives back the
-        units queued behind it (its one thread runs tasks one at a time, in submission order):
-        they go back to the queue under new keys, so its decode never waits for, nor runs
-        beside, a prefill that another worker can do (measured: summarize rows' TPOT doubled)."""
-        mine = sorted((x for x in self.inflight.values() if x.phase == "prefill" and x.prefill_worker == addr
-                       and not x.futures["prefill"].done()), key=lambda x: x.prefill_started)
-        for x in mine[1:]:
-            x.futures.pop("prefill").cancel()  # a race with its start costs work, never a row
-            self._end_prefill_load(x)
-            x.prefill_worker, x.phase = None, "queued"
-            x.taken_back += 1
-            self.taken_back += 1
+        self.roles.rebalance_tick(View(prefill_units=dict(self.prefill_load), decode_rows=rows, held=held,
+                                       queued_prefill=queued, waiting_decode=waiting,
+                                       oldest_wait_s=now - oldest), live, now)
 
     def _submit_write(self, u: _Unit) -> None:
         if u.probe is not None:  # a probe's one row comes back to the driver (quarantine.py)
@@ -550,7 +532,6 @@ class Pipeline:
         report["unit_rows"] = self.cfg.unit_rows
         report["unit_rows_source"] = self.unit_rows_source
         report["units_paced"] = len(self.paced)
-        report["prefills_taken_back"] = self.taken_back
         if self.cfg.mode == "disaggregated":
             report["roles"] = self.roles.report()
             report["role_switches"] = self.roles.switches

@@ -87,7 +87,6 @@ class Roles:
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # for the dashboard
     unit_decode_s: float | None = None  # moving average of a unit's decode time
     _starved_since: float | None = None
-    _to_decode: list = field(default_factory=list)  # this tick's switches to decode
 
     # --- membership ---------------------------------------------------------------------------
     def sync(self, workers: dict[str, dict]) -> None:
@@ -134,20 +133,12 @@ class Roles:
         if len(self.switches) < SWITCH_LOG_CAP:
             self.switches.append(entry)
         self.recent.append(entry)
-        if to == "decode":
-            self._to_decode.append(addr)
         log.info("pdbatch: worker %s %s -> %s (%s)", entry["worker"], frm, to, reason)
 
-    def rebalance_tick(self, v: View, live, now: float | None = None) -> list[str]:
-        """One tick of the rules above; returns the workers that became decode workers (the
-        driver takes back the prefill units they have not started)."""
+    def rebalance_tick(self, v: View, live, now: float | None = None) -> None:
         if not self.rebalance:
-            return []
-        self._to_decode = []
-        self._tick(v, live, time.time() if now is None else now)
-        return self._to_decode
-
-    def _tick(self, v: View, live, now: float) -> None:
+            return
+        now = time.time() if now is None else now
         prefill, decode = self.pool("prefill", live), self.pool("decode", live)
         if v.waiting_decode and not v.queued_prefill:
             self._starved_since = None

@@ -135,68 +135,54 @@ def engine_pre_spawn_environ(cfg: JobConfig):
         yield
 
 
-# What a worker process imports before it can take work: ~10 s of CPU each on a 2-core VM
-# (builtin: torch and transformers; vllm: vLLM too).
-FORKSERVER_PRELOAD = {"builtin": ["distributed", "pdbatch.driver.worker", "pdbatch.engines.builtin"],
-                      "vllm": ["distributed", "pdbatch.driver.worker", "pdbatch.engines.vllm.engine"]}
-_forkserver_for: tuple | None = None  # (engine, environment) this process's forkserver started with
+# What a worker process imports before it can take work: ~10 s of CPU each on a 2-core VM.
+FORKSERVER_PRELOAD = ["distributed", "pdbatch.driver.worker", "pdbatch.engines.builtin"]
 
 
 def _forkserver_fits(cfg: JobConfig, gpus: int = 0) -> bool:
-    """Embedded cluster, CPU, tcp. Not with GPUs (dask-cuda spawns) or UCXX (UCX reads the
-    variables the driver sets for it when the worker starts)."""
-    return (cfg.engine in FORKSERVER_PRELOAD and not cfg.existing_cluster and not gpus and cfg.device != "cuda"
+    """Built-in engine, embedded cluster, CPU, tcp/tls. Not for vLLM (its LD_PRELOAD must be
+    there from each process's start), GPUs (dask-cuda spawns) or UCXX (UCX reads the variables
+    the driver sets for it when the worker starts)."""
+    return (cfg.engine == "builtin" and not cfg.existing_cluster and not gpus and cfg.device != "cuda"
             and cfg.protocol in ("auto", "tcp"))
 
 
 @contextlib.contextmanager
-def _forkserver_method(engine: str):
+def _forkserver_method():
     from distributed.utils import get_mp_context
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(FORKSERVER_PRELOAD[engine])  # after Dask set its own list
+        get_mp_context().set_forkserver_preload(FORKSERVER_PRELOAD)  # after Dask set its own list
         yield
 
 
-def start_worker_forkserver(cfg: JobConfig) -> bool:
+def start_worker_forkserver(cfg: JobConfig) -> None:
     """Start now, while the driver checks the model, the process the embedded workers fork from
-    (worker_start_method); whether they can. Forked workers inherit its environment, not the
-    driver's, so it starts with what a Nanny gives the workers it spawns: Dask's pre-spawn
-    environment and the engine's (LD_PRELOAD for vLLM on CPU: mapped from the forkserver's
-    start, as vLLM asks). One forkserver per process: a later job that needs another engine or
-    environment spawns its workers."""
-    global _forkserver_for
+    (worker_start_method). It takes the environment a Nanny gives the workers it spawns (Dask's
+    pre-spawn environment), since forked workers inherit its environment, not the driver's."""
     if not _forkserver_fits(cfg):
-        return False
+        return
     import multiprocessing.forkserver
-
-    from ..engines import engine_class
 
     env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", default={}).items()}
     if env.get("PYTHONHASHSEED") in (None, "0"):
         env["PYTHONHASHSEED"] = "6640"  # what a Nanny sets: the same hash seed in every worker
-    env.update(engine_class(cfg.engine).worker_environment(cfg.engine_options()))
-    key = (cfg.engine, tuple(sorted(env.items())))
-    if _forkserver_for is None:
-        with preserved_environ(), _forkserver_method(cfg.engine):
-            os.environ.update(env)
-            multiprocessing.forkserver.ensure_running()
-        _forkserver_for = key
-    return _forkserver_for == key
+    with preserved_environ(), _forkserver_method():
+        os.environ.update(env)
+        multiprocessing.forkserver.ensure_running()
 
 
 @contextlib.contextmanager
 def worker_start_method(cfg: JobConfig, gpus: int):
     """Where it fits (_forkserver_fits), workers fork from a forkserver that imported torch,
-    transformers and the engine once, instead of each importing them: the sample job's start-up
-    takes ~35% less CPU, and a respawned worker takes work again within seconds. The forkserver
-    is a fresh process that only imported modules, so forking from it is safe; a worker's thread
-    count is set when its engine is built (an OpenMP loaded before would not read OMP_NUM_THREADS
-    again)."""
-    if not _forkserver_fits(cfg, gpus) or not start_worker_forkserver(cfg):
+    transformers and the engine once, instead of each importing them: a job's start-up takes
+    ~40% less CPU, and a respawned worker takes work again within seconds. The forkserver is a
+    fresh, single-threaded process, so forking from it is safe; a worker's thread count is set
+    when its engine is built (an OpenMP loaded before would not read OMP_NUM_THREADS again)."""
+    if not _forkserver_fits(cfg, gpus):
         yield
         return
-    with _forkserver_method(cfg.engine):
+    with _forkserver_method():
         yield
 
 

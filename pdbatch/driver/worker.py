@@ -25,21 +25,26 @@ log = logging.getLogger("pdbatch.worker")
 
 class _DropHeartbeatAfterClose(logging.Filter):
     """Dask's heartbeat can race the worker's own close: a heartbeat in flight finds the
-    worker's connection pool closed and logs "Unexpected exception during heartbeat" with a
-    RuntimeError traceback, on the user's terminal after the job's last line (seen at the end of
-    a bench run). The worker was closing anyway and nothing is lost: drop exactly that record."""
+    worker's connection pool closed, Dask logs "Unexpected exception during heartbeat" and
+    re-raises, and tornado's periodic callback logs "Exception in callback <...Worker.heartbeat...>",
+    each with a RuntimeError traceback, on the user's terminal after the job's last line. The
+    worker was closing anyway and nothing is lost: drop exactly those two records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, RuntimeError) and str(exc) == "ConnectionPool is closed"
-                    and record.getMessage().startswith("Unexpected exception during heartbeat"))
+        if not (isinstance(exc, RuntimeError) and str(exc) == "ConnectionPool is closed"):
+            return True
+        msg = record.getMessage()
+        return not (msg.startswith("Unexpected exception during heartbeat")
+                    or (msg.startswith("Exception in callback") and "Worker.heartbeat" in msg))
 
 
 def quiet_worker_logs() -> None:
-    """In a worker process (EngineHost.setup): the heartbeat-after-close record goes."""
-    logger = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _DropHeartbeatAfterClose) for f in logger.filters):
-        logger.addFilter(_DropHeartbeatAfterClose())
+    """In a worker process (EngineHost.setup): the heartbeat-after-close records go."""
+    for name in ("distributed.worker", "tornado.application"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropHeartbeatAfterClose) for f in logger.filters):
+            logger.addFilter(_DropHeartbeatAfterClose())
 
 
 def worker_roles(resources: dict) -> set[str]:

@@ -168,7 +168,7 @@ def test_bad_rows_become_error_rows(tmp_path, tiny):
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path):
     inp = tmp_path / "in.parquet"
-    rows, units = 96, 24  # many units: Ctrl-C must land part-way however fast the engine is
+    rows, units = 64, 16  # many units: Ctrl-C must land part-way however fast the engine is
     prompts = [f"Row {i}: write about the number {i}." for i in range(rows)]
     pq.write_table(pa.table({"prompt": prompts}), inp)
     args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]

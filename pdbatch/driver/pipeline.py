@@ -177,11 +177,12 @@ class Pipeline:
         colocated = self.cfg.mode == "colocated"
         pool = self.role_workers("decode" if colocated else "prefill")
         if self.roles.rebalance:  # the rest waits on the driver, for whichever worker takes prefill
-            pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH]
+            pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH] or self._prefill_helpers(u)
         if not pool or (not colocated and not self.roles.rebalance and not self._decode_room(u)):
             u.phase = "queued"
             return False
-        w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), a))
+        rows = self._decode_units(pool)[1]
+        w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), rows[a], a))
         self.prefill_load[w] = self.prefill_load.get(w, 0) + 1
         u.prefill_worker, u.counted_prefill = w, True
         if colocated:
@@ -194,6 +195,22 @@ class Pipeline:
             u.futures = {"prefill": self._submit(prefill_unit, u.rows, self.columns, self.defaults,
                                                  phase="prefill", u=u, worker=w)}
         return True
+
+    def _prefill_bound(self, u: _Unit | None = None) -> bool:
+        """Rebalancing: the prefill workers stay busy past a unit's decode (roles.prefill_bound);
+        `u`, a unit being placed for prefill, counts as queued."""
+        prefill = self.roles.pool("prefill", set(self.live_workers()))
+        queued = sum(x.phase == "queued" or x is u for x in self.inflight.values())
+        return self.roles.prefill_bound(queued, sum(self.prefill_load.get(a, 0) for a in prefill), len(prefill))
+
+    def _prefill_helpers(self, u: _Unit) -> list[str]:
+        """Every prefill worker is full: while prefill is the bottleneck and no prefilled unit
+        waits for a decoder, a decode worker with no prefill in flight prefills one unit beside
+        its decode (its engine does both; the rows it decodes slow down while it does, but
+        wait for nothing), else it idles part of the job while prefill falls behind."""
+        if any(x.phase in ("wait-decode", "wait-room") for x in self.inflight.values()) or not self._prefill_bound(u):
+            return []
+        return [a for a in self.role_workers("decode") if not self.prefill_load.get(a, 0)]
 
     def _decode_room(self, u: _Unit) -> bool:
         """Fixed split: whether the decode workers have slots for u's rows (pacing.py)."""
@@ -269,7 +286,9 @@ class Pipeline:
         units, rows, work = self._decode_units(pool)
         stage = sum(x.work for x in self.inflight.values()
                     if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
-        share = -(-stage // max(1, len(self.live_workers())))
+        # prefill workers busy past this unit's decode will not take it: the decoders share it
+        could = len(pool) if self._prefill_bound() else len(self.live_workers())
+        share = -(-stage // max(1, could))
         n = u.rows.num_rows
 
         # below its share before this unit: when every worker decodes, some worker is, so no unit
@@ -485,6 +504,7 @@ class Pipeline:
             self.watchdog.progress()
             self._end_prefill_load(u)
             self.decode_rate.unit_prefilled(time.time() - u.prefill_started)
+            self.roles.unit_prefilled(u.prefill_worker, u.prefill_started, time.time())
             self.submit_decode(u)
         elif u.probe is not None and "decode" in u.futures and u.futures["decode"].status == "finished":
             out = self._result(u, "decode")

@@ -10,6 +10,12 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   unit only while it holds less than its fair share of the decode work (rows decoding or
   waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
   its KV budget; what no worker has taken yet can go to whichever worker changes role;
+- prefill-bound (the prefill workers' backlog, at the measured time a unit's prefill takes,
+  outlasts a unit's decode): no prefill worker will change role in time to decode what is
+  prefilled now, so the shares are over the decode workers alone, and a decode worker with no
+  prefill in flight prefills one unit beside its decode whenever every prefill worker is full
+  and no prefilled unit waits for a decoder (its rows decode more slowly meanwhile, but nothing
+  waits; on a worker that does both, a prefill leaves its Dask thread slot: tasks.py);
 - prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
@@ -86,6 +92,8 @@ class Roles:
     switch_count: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # for the dashboard
     unit_decode_s: float | None = None  # moving average of a unit's decode time
+    unit_prefill_s: float | None = None  # moving average of a unit's prefill compute time
+    _prefill_ended: dict = field(default_factory=dict)  # address -> when its last prefill ended
     _starved_since: float | None = None
 
     # --- membership ---------------------------------------------------------------------------
@@ -121,6 +129,23 @@ class Roles:
     def unit_decoded(self, seconds: float) -> None:
         a = self.unit_decode_s
         self.unit_decode_s = seconds if a is None else 0.8 * a + 0.2 * seconds
+
+    def unit_prefilled(self, worker: str, started: float, now: float) -> None:
+        """A unit's prefill on `worker` ended. A worker runs one prefill at a time, so the unit's
+        own time starts when it was handed out or when the worker's previous prefill ended."""
+        seconds = now - max(started, self._prefill_ended.get(worker, 0.0))
+        self._prefill_ended[worker] = now
+        a = self.unit_prefill_s
+        self.unit_prefill_s = seconds if a is None else 0.8 * a + 0.2 * seconds
+
+    def prefill_bound(self, queued: int, in_flight: int, prefillers: int) -> bool:
+        """Whether the prefill workers' backlog (units queued and in flight, at the measured
+        time a unit's prefill takes) outlasts a unit's decode: none of them will be free to
+        decode what is prefilled now, and it would wait for them with its first token out."""
+        if self.unit_prefill_s is None or not queued:
+            return False
+        backlog = (queued + in_flight) * self.unit_prefill_s / max(1, prefillers)
+        return backlog > (self.unit_decode_s or DEFAULT_UNIT_DECODE_S)
 
     # --- switching ----------------------------------------------------------------------------
     def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:
@@ -196,7 +221,8 @@ class Roles:
     def report(self) -> dict:
         return {"rebalance": self.rebalance, "initial": dict(sorted(self.initial.items())),
                 "final": self.by_name(), "switches": self.switch_count,
-                "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3)}
+                "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3),
+                "unit_prefill_s": None if self.unit_prefill_s is None else round(self.unit_prefill_s, 3)}
 
     def snapshot(self) -> dict:
         """For the dashboard (monitoring/progress.snapshot): current roles and recent switches."""

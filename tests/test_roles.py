@@ -368,6 +368,7 @@ def test_prefill_bound_rule():
     roles.unit_prefilled("p", started=0.0, now=3.0)
     roles.unit_prefilled("p", started=0.5, now=6.0)  # handed out at 0.5, started when the first ended
     assert roles.unit_prefill_s == pytest.approx(3.0)
+    assert not roles.prefill_bound(queued=9, in_flight=2, prefillers=1)  # no unit decoded yet
     roles.unit_decoded(8.0)
     assert not roles.prefill_bound(queued=0, in_flight=2, prefillers=1)  # it runs dry: it will switch
     assert not roles.prefill_bound(queued=1, in_flight=1, prefillers=1)  # 6 s of backlog < 8 s
@@ -389,7 +390,8 @@ def test_prefill_bound_decoders_share_the_decode_and_help_prefill():
     last = pipe.inflight["u2"]
     # nothing measured yet: shares over both workers (p may switch); d holds 2000 of 2900/2
     assert pipe._pick_decoder(last, ["d"]) is None
-    pipe.roles.unit_prefilled("p", 0.0, 6.0)  # 5 units of 6 s ahead of p, a unit decodes in 2
+    pipe.roles.unit_prefilled("p", 0.0, 6.0)
+    pipe.roles.unit_decoded(2.0)  # 5 units of 6 s ahead of p, a unit decodes in 2
     assert pipe._pick_decoder(last, ["d"]) == "d"
     # a queued unit finds every prefill worker full: no helper while a unit waits for a decoder
     queued = pipe.inflight["q0"]

@@ -141,11 +141,12 @@ class Roles:
     def prefill_bound(self, queued: int, in_flight: int, prefillers: int) -> bool:
         """Whether the prefill workers' backlog (units queued and in flight, at the measured
         time a unit's prefill takes) outlasts a unit's decode: none of them will be free to
-        decode what is prefilled now, and it would wait for them with its first token out."""
-        if self.unit_prefill_s is None or not queued:
+        decode what is prefilled now, and it would wait for them with its first token out.
+        Measured times only: a guess that held early would route the first units to the first
+        decoders for good, and a decode-heavy job would end on them alone."""
+        if self.unit_prefill_s is None or self.unit_decode_s is None or not queued:
             return False
-        backlog = (queued + in_flight) * self.unit_prefill_s / max(1, prefillers)
-        return backlog > (self.unit_decode_s or DEFAULT_UNIT_DECODE_S)
+        return (queued + in_flight) * self.unit_prefill_s / max(1, prefillers) > self.unit_decode_s
 
     # --- switching ----------------------------------------------------------------------------
     def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:

@@ -360,38 +360,43 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     assert pipe._pick_decoder(last, ["p", "d"]) is None
 
 
-def test_prefill_bound_rule():
+def test_free_soon_rule():
     """A unit's prefill time is measured from when the worker could start it (one prefill at a
-    time per worker); the prefill workers are bound when their backlog outlasts a unit's decode."""
+    time per worker); a prefill worker is free soon when its prefill ahead ends within a quarter
+    of a unit's decode."""
     roles = Roles(rebalance=True, started=0.0)
-    assert not roles.prefill_bound(queued=9, in_flight=2, prefillers=1)  # nothing measured yet
     roles.unit_prefilled("p", started=0.0, now=3.0)
     roles.unit_prefilled("p", started=0.5, now=6.0)  # handed out at 0.5, started when the first ended
-    assert roles.unit_prefill_s == pytest.approx(3.0)
-    assert not roles.prefill_bound(queued=9, in_flight=2, prefillers=1)  # no unit decoded yet
+    assert roles.unit_prefill_s == pytest.approx(3.0) and roles.prefill_ended("p") == 6.0
+    assert roles.free_soon(30.0)  # no unit decoded yet: free (no guess routes units for good)
     roles.unit_decoded(8.0)
-    assert not roles.prefill_bound(queued=0, in_flight=2, prefillers=1)  # it runs dry: it will switch
-    assert not roles.prefill_bound(queued=1, in_flight=1, prefillers=1)  # 6 s of backlog < 8 s
-    assert roles.prefill_bound(queued=1, in_flight=2, prefillers=1)  # 9 s > 8 s
-    assert not roles.prefill_bound(queued=1, in_flight=2, prefillers=2)  # 4.5 s each
+    assert roles.free_soon(None) and roles.free_soon(2.0) and not roles.free_soon(2.1)
 
 
-def test_prefill_bound_decoders_share_the_decode_and_help_prefill():
+def test_busy_prefill_workers_are_not_waited_for():
     """Seen on the prefill-heavy bench workload (units of 4 rows of ~800 prompt tokens, 17-64
     new tokens): the only prefill worker had 16 s of prefill ahead, yet a prefilled unit
     waited those 16 s for it, because the decode worker held its "fair share" of decode over
-    both workers, and the rows' TPOT tripled. While prefill is the bottleneck, the decoders share
-    the decode among themselves, and a decoder prefills one unit beside its decode."""
+    both workers, and the rows' TPOT tripled. A prefill worker busy past a quarter of a unit's
+    decode does not count in the shares; with prefill the bottleneck, a decoder prefills one
+    unit beside its decode."""
+    import time
+
     pipe = _pipeline({"p": "prefill", "d": "decode"})
-    pipe.prefill_load = {"p": PREFILL_DEPTH}
+    now = time.time()
+    running = _unit("r", 900, "prefill", prefill="p")
+    running.counted_prefill, running.prefill_started = True, now - 1.0
+    pipe.prefill_load = {"p": 1}
     pipe.inflight = {"u0": _unit("u0", 1000, "decode", "d"), "u1": _unit("u1", 1000, "decode", "d"),
-                     "u2": _unit("u2", 900, "wait-room", prefill="p"),
+                     "u2": _unit("u2", 900, "wait-room", prefill="p"), "r": running,
                      **{f"q{i}": _unit(f"q{i}", 900, "queued", prefill=None) for i in range(3)}}
     last = pipe.inflight["u2"]
     # nothing measured yet: shares over both workers (p may switch); d holds 2000 of 2900/2
+    assert pipe._prefill_free_soon() == (3, 1)
     assert pipe._pick_decoder(last, ["d"]) is None
-    pipe.roles.unit_prefilled("p", 0.0, 6.0)
-    pipe.roles.unit_decoded(2.0)  # 5 units of 6 s ahead of p, a unit decodes in 2
+    pipe.roles.unit_prefilled("x", now - 6.0, now)  # a unit's prefill takes 6 s
+    pipe.roles.unit_decoded(8.0)  # and its decode 8: p has 5 s + 3 x 6 s ahead, over 2 s
+    assert pipe._prefill_free_soon() == (3, 0)
     assert pipe._pick_decoder(last, ["d"]) == "d"
     # a queued unit finds every prefill worker full: no helper while a unit waits for a decoder
     queued = pipe.inflight["q0"]
@@ -401,8 +406,10 @@ def test_prefill_bound_decoders_share_the_decode_and_help_prefill():
     pipe.prefill_load["d"] = 1  # one unit at a time beside its decode
     assert pipe._prefill_helpers(queued) == []
     pipe.prefill_load["d"] = 0
-    pipe.roles.unit_prefill_s = 0.3  # prefill keeps up: the decoder only decodes
-    assert pipe._prefill_helpers(queued) == []
+    for i in (1, 2):  # p's prefill ahead: 0.2 s of its running unit, then this one: free soon
+        del pipe.inflight[f"q{i}"]
+    pipe.roles.unit_prefill_s = 1.2
+    assert pipe._prefill_free_soon(queued) == (1, 1) and pipe._prefill_helpers(queued) == []
 
 
 def test_a_decode_task_starts_while_its_worker_prefills(tiny):

@@ -196,19 +196,36 @@ class Pipeline:
                                                  phase="prefill", u=u, worker=w)}
         return True
 
-    def _prefill_bound(self, u: _Unit | None = None) -> bool:
-        """Rebalancing: the prefill workers stay busy past a unit's decode (roles.prefill_bound);
-        `u`, a unit being placed for prefill, counts as queued."""
+    def _prefill_free_soon(self, u: _Unit | None = None) -> tuple[int, int]:
+        """(units waiting for prefill, prefill workers free soon: roles.free_soon); `u`, a unit
+        being placed for prefill, counts as waiting."""
+        now = time.time()
         prefill = self.roles.pool("prefill", set(self.live_workers()))
         queued = sum(x.phase == "queued" or x is u for x in self.inflight.values())
-        return self.roles.prefill_bound(queued, sum(self.prefill_load.get(a, 0) for a in prefill), len(prefill))
+        unit_s = self.roles.unit_prefill_s
+        free = 0
+        for a in prefill:
+            left = None
+            if unit_s is not None:
+                mine = sorted(x.prefill_started for x in self.inflight.values()
+                              if x.counted_prefill and x.prefill_worker == a)
+                left = queued / len(prefill) * unit_s
+                if mine:  # one runs (since the one before it ended), the rest wait behind it
+                    running = now - max(mine[0], self.roles.prefill_ended(a))
+                    left += max(0.0, unit_s - running) + (len(mine) - 1) * unit_s
+            free += self.roles.free_soon(left)
+        return queued, free
 
     def _prefill_helpers(self, u: _Unit) -> list[str]:
-        """Every prefill worker is full: while prefill is the bottleneck and no prefilled unit
-        waits for a decoder, a decode worker with no prefill in flight prefills one unit beside
-        its decode (its engine does both; the rows it decodes slow down while it does, but
-        wait for nothing), else it idles part of the job while prefill falls behind."""
-        if any(x.phase in ("wait-decode", "wait-room") for x in self.inflight.values()) or not self._prefill_bound(u):
+        """Every prefill worker is full: with units waiting for prefill, no prefill worker free
+        soon and no prefilled unit waiting for a decoder, a decode worker with no prefill in
+        flight prefills one unit beside its decode (its engine does both; the rows it decodes
+        slow down while it does, but wait for nothing), else it idles part of the job while
+        prefill falls behind."""
+        if any(x.phase in ("wait-decode", "wait-room") for x in self.inflight.values()):
+            return []
+        queued, free = self._prefill_free_soon(u)
+        if not queued or free:
             return []
         return [a for a in self.role_workers("decode") if not self.prefill_load.get(a, 0)]
 
@@ -286,9 +303,8 @@ class Pipeline:
         units, rows, work = self._decode_units(pool)
         stage = sum(x.work for x in self.inflight.values()
                     if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
-        # prefill workers busy past this unit's decode will not take it: the decoders share it
-        could = len(pool) if self._prefill_bound() else len(self.live_workers())
-        share = -(-stage // max(1, could))
+        # over the workers that could take it: a prefill worker counts only if free soon
+        share = -(-stage // max(1, len(pool) + self._prefill_free_soon()[1]))
         n = u.rows.num_rows
 
         # below its share before this unit: when every worker decodes, some worker is, so no unit

@@ -10,11 +10,12 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   unit only while it holds less than its fair share of the decode work (rows decoding or
   waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
   its KV budget; what no worker has taken yet can go to whichever worker changes role;
-- prefill-bound (the prefill workers' backlog, at the measured time a unit's prefill takes,
-  outlasts a unit's decode): no prefill worker will change role in time to decode what is
-  prefilled now, so the shares are over the decode workers alone, and a decode worker with no
-  prefill in flight prefills one unit beside its decode whenever every prefill worker is full
-  and no prefilled unit waits for a decoder (its rows decode more slowly meanwhile, but nothing
+- the shares count a prefill worker only if it will be free soon (its prefill ahead, at the
+  measured time a unit's prefill takes, ends within a quarter of a unit's decode): a unit does
+  not wait, its first token out, for a worker that will not come. With units waiting for
+  prefill and no prefill worker free soon (prefill is the bottleneck), a decode worker with no
+  prefill in flight prefills one unit beside its decode when every prefill worker is full and
+  no prefilled unit waits for a decoder (its rows decode more slowly meanwhile, but nothing
   waits; on a worker that does both, a prefill leaves its Dask thread slot: tasks.py);
 - prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
@@ -138,15 +139,18 @@ class Roles:
         a = self.unit_prefill_s
         self.unit_prefill_s = seconds if a is None else 0.8 * a + 0.2 * seconds
 
-    def prefill_bound(self, queued: int, in_flight: int, prefillers: int) -> bool:
-        """Whether the prefill workers' backlog (units queued and in flight, at the measured
-        time a unit's prefill takes) outlasts a unit's decode: none of them will be free to
-        decode what is prefilled now, and it would wait for them with its first token out.
-        Measured times only: a guess that held early would route the first units to the first
-        decoders for good, and a decode-heavy job would end on them alone."""
-        if self.unit_prefill_s is None or self.unit_decode_s is None or not queued:
-            return False
-        return (queued + in_flight) * self.unit_prefill_s / max(1, prefillers) > self.unit_decode_s
+    def prefill_ended(self, worker: str) -> float:
+        return self._prefill_ended.get(worker, 0.0)
+
+    def free_soon(self, prefill_left_s: float | None) -> bool:
+        """Whether a prefill worker with `prefill_left_s` of prefill ahead of it will be free to
+        decode what is prefilled now: within a quarter of a unit's measured decode, the wait
+        that rebalancing allows a unit (with its first token out) so that a worker changing
+        role can take it. Unmeasured: free (a guess that held early would route the first units
+        to the first decoders for good, and a decode-heavy job would end on them alone)."""
+        if prefill_left_s is None or self.unit_decode_s is None:
+            return True
+        return prefill_left_s <= 0.25 * self.unit_decode_s
 
     # --- switching ----------------------------------------------------------------------------
     def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:

@@ -206,7 +206,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 
 def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     """An existing cluster: scheduler + one worker per role; a second decode worker joins."""
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    gate = tmp_path / "gate"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PDBATCH_TEST_GATE": str(gate)}
     procs = []
 
     def start(*cmd):
@@ -219,29 +220,35 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     try:
         start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))
-        deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
+        # the workers wait for the scheduler file themselves: their start overlaps the scheduler's
         worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
                   "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"]
         start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
         start(*worker, "--name", "decode-a", "--resources", "decode=1")
+        # the newcomer starts now and pays its imports, but registers only once the gate opens
+        # (its preload runs before registration): it joins mid-job however short the job is
+        start(*worker, "--name", "decode-b", "--resources", "decode=1",
+              "--preload", str(REPO / "tests" / "gated_worker_preload.py"))
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
         inp = tmp_path / "in.parquet"
-        # long enough that the newcomer (process start + model load) joins well before the end
-        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(160)]}), inp)
+        rows = 128  # after the gate opens, enough left for the newcomer's engine set-up and a share
+        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(rows)]}), inp)
         out = tmp_path / "out"
         driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file", str(sched_file),
-                                   "--max-new-tokens", "64", "--ignore-eos", "--unit-rows", "2",
+                                   "--max-new-tokens", "32", "--ignore-eos", "--unit-rows", "2",
                                    "--max-inflight-units", "4"],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while len(manifest_units(out)) < 2 and driver.poll() is None:
+        # open the gate once the job is under way and the newcomer has paid its imports
+        while not (len(manifest_units(out)) >= 2 and (tmp_path / "gate.ready").exists()) and driver.poll() is None:
             time.sleep(0.1)
-        start(*worker, "--name", "decode-b", "--resources", "decode=1")
+        gate.touch()
         _, err = driver.communicate(timeout=300)
         assert driver.returncode == 0, err
         by_worker = read_report(out)["rows_by_decode_worker"]
         assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
-        assert sum(by_worker.values()) == 160
+        assert sum(by_worker.values()) == rows
     finally:
         for p in procs:
             p.terminate()

@@ -91,6 +91,9 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
     try:
         cluster.start_scheduler()
         cluster.add_worker("prefill-a", "prefill")
+        # the replacements start now (their imports overlap the job) but join only after the kill
+        cluster.add_worker("prefill-b", "prefill", gated=True)
+        cluster.add_worker("decode-a", "decode", gated=True)
         expected = expected_for(tiny, prompts)
         driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
                         "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 6,
@@ -105,8 +108,7 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
 
             held = wait_for(unpulled, 120, "prefill-a to hold the whole window's KV")
         t_kill = cluster.kill("prefill-a")
-        cluster.add_worker("prefill-b", "prefill")
-        cluster.add_worker("decode-a", "decode")
+        cluster.open_gate()  # prefill-b and decode-a register
         recovery_s = watch_recovery(driver, out, t_kill, {unit_of(k) for k in held})
         assert driver.finish() == 0, driver.stderr
         total_s = time.time() - t_kill
@@ -117,7 +119,7 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
         assert "starting it again (attempt 2/3)" in driver.stderr and "Traceback" not in driver.stderr
         record("prefill worker killed", units_lost=len(held), retries=r["unit_retries"],
                kill_to_lost_units_written_s=round(recovery_s, 2), kill_to_job_end_s=round(total_s, 2),
-               note="includes starting the replacement workers and loading the model")
+               note="includes the replacement workers joining (started beforehand) and loading the model")
     finally:
         if driver:
             driver.stop()

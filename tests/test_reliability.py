@@ -94,10 +94,10 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
         # the replacements start now (their imports overlap the job) but join only after the kill
         cluster.add_worker("prefill-b", "prefill", gated=True)
         cluster.add_worker("decode-a", "decode", gated=True)
-        expected = expected_for(tiny, prompts)
         driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
                         "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 6,
                         "--progress", "none", "--no-rebalance")  # fixed roles: the KV waits on prefill-a
+        expected = expected_for(tiny, prompts)  # while the driver starts
         with cluster.client() as client:
             prefill_a = wait_for(lambda: _addresses(client).get("prefill-a"), 60, "prefill-a")
 
@@ -202,9 +202,9 @@ def driver_killed(tmp_path_factory, tiny):
     out = tmp / "out"
     args = ["run", tmp / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4,
             "--max-inflight-units", 2, "--progress", "none"]
-    expected = expected_for(tiny, prompts)
     driver = Driver(*args)
     try:
+        expected = expected_for(tiny, prompts)  # (~4 s) while the driver starts: well before 3 units
         driver.wait_units(out, 3)
         orphans = {p.pid for p in session_processes(driver.proc.pid)} - {driver.proc.pid}
         os.kill(driver.proc.pid, signal.SIGKILL)
@@ -323,13 +323,13 @@ def test_kv_budget_long_prompts_small_budget(tmp_path, tiny):
     budget = 7 * 2**20  # two reservations of ~1.5K tokens (6 MiB), not three (9 MiB)
     prompts = long_prompts(tiny, 12, 1450)
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
-    expected = expected_for(tiny, prompts, n=8)
     out = tmp_path / "out"
     driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", 8, "--ignore-eos",
                     "--unit-rows", 4, "--kv-budget", budget, "--worker-memory-limit", "2GiB", "--tls", "auto",
                     "--progress", "none")
     sampler = PeakRSS(driver.proc.pid)
     try:
+        expected = expected_for(tiny, prompts, n=8)  # while the driver starts its cluster
         assert driver.finish() == 0, driver.stderr
     finally:
         sampler.stop()
@@ -364,11 +364,14 @@ def test_packets_waiting_on_a_decode_worker_stay_within_its_budget(tmp_path, tin
     budget = 3 * 2**19  # 1.5 MiB: two reservations of ~310 tokens (pool rows round to 320: 640 KiB each)
     unit_kv = 2 * 260 * per_token  # ~1.02 MiB of packets: two units are more than the budget
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
-    expected = expected_for(tiny, prompts, n=new)
     out = tmp_path / "out"
-    proc = run_cli("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", new, "--ignore-eos",
-                   "--unit-rows", 2, "--kv-budget", budget, "--progress", "none")
-    assert proc.returncode == 0, proc.stderr
+    driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", new, "--ignore-eos",
+                    "--unit-rows", 2, "--kv-budget", budget, "--progress", "none")
+    try:
+        expected = expected_for(tiny, prompts, n=new)  # while the driver starts its cluster
+        assert driver.finish() == 0, driver.stderr
+    finally:
+        driver.stop()
     assert_complete_and_correct(out, prompts, expected, units=8)
     dec = report(out)["worker_memory"]["decode-0"]
     # measured, and never more than two units' packets (the driver's window of 6 units in flight

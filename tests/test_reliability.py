@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_rows, run_cli, session_processes, wait_session_empty
+from pipeline_helpers import (DEFAULT_MODEL, manifest_units, read_rows, run_cli, run_clis, session_processes,
+                              wait_session_empty)
 from reliability_helpers import (Driver, PeakRSS, ProcCluster, assert_complete_and_correct, make_tls_files, record,
                                  reference, report)
 
@@ -439,11 +440,12 @@ def test_tls_cluster_only_certified_peers(tmp_path, tiny):
 
         base = ["run", tmp_path / "in.parquet", "--scheduler-file", cluster.scheduler_file, "--max-new-tokens", 8,
                 "--ignore-eos", "--unit-rows", 2, "--progress", "none"]
-        res = run_cli(*base, "-o", tmp_path / "refused", timeout=120)
-        assert res.returncode == 2, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and "uses TLS" in res.stderr
         out = tmp_path / "out"
-        res = run_cli(*base, "-o", out, "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key)
+        # side by side (independent: the refused one never gets past the TLS handshake)
+        refused, res = run_clis([*base, "-o", tmp_path / "refused"],
+                                [*base, "-o", out, "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key])
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "uses TLS" in refused.stderr
         assert res.returncode == 0, res.stderr
         assert_complete_and_correct(out, prompts, expected, units=4)
         assert report(out)["protocol"] == "tls"

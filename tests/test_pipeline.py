@@ -220,9 +220,11 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     try:
         start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))
-        # the workers wait for the scheduler file themselves: their start overlaps the scheduler's
+        # the workers wait for the scheduler file themselves: their start overlaps the scheduler's.
+        # No nannies (three fewer processes to start on 2 cores): joining is the worker's doing;
+        # test_slurm's jobs run the nanny'd `dask worker` on an existing cluster
         worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"]
+                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0", "--no-nanny"]
         start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
         start(*worker, "--name", "decode-a", "--resources", "decode=1")
         # the newcomer starts now and pays its imports, but registers only once the gate opens

@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     rows, units = 64, 16  # many units: Ctrl-C must land part-way however fast the engine is
     prompts = [f"Row {i}: write about the number {i}." for i in range(rows)]
     pq.write_table(pa.table({"prompt": prompts}), inp)
-    args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
+    args = ["run", inp, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
     clean = tmp_path / "clean"  # the same job uninterrupted, beside the interrupted one
     reference_run = concurrent.futures.ThreadPoolExecutor(1).submit(run_cli, *args, "-o", clean)
     out = tmp_path / "resumed"

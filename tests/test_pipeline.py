@@ -252,13 +252,17 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
         assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
         assert sum(by_worker.values()) == rows
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # workers first (procs[0] is the scheduler): a nanny-less worker whose scheduler is gone
+        # waits for it instead of exiting on SIGTERM
+        for group in (procs[1:], procs[:1]):
+            for p in group:
+                p.terminate()
+            for p in group:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=30)
         for p in procs:
             wait_session_empty(p.pid)
 

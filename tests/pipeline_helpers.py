@@ -47,13 +47,16 @@ def run_cli(*args, timeout: float = 300, env: dict | None = None) -> subprocess.
     return run_clis(args, timeout=timeout, env=env)[0]
 
 
-def run_clis(*arg_lists, timeout: float = 300, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def run_clis(*arg_lists, timeout: float = 300, env: dict | None = None,
+             envs: list[dict | None] | None = None) -> list[subprocess.CompletedProcess]:
     """Independent `pdbatch` runs side by side (a run alone leaves much of the two cores idle
     while its processes start), each in its own session; every process each one started must
-    be gone after it exits."""
+    be gone after it exits. `envs`: one more environment per run, over `env`."""
+    envs = envs or [None] * len(arg_lists)
     procs = [subprocess.Popen([*PDBATCH, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True, cwd=REPO, env={**os.environ, **(env or {})})
-             for args in arg_lists]
+                              text=True, start_new_session=True, cwd=REPO,
+                              env={**os.environ, **(env or {}), **(extra or {})})
+             for args, extra in zip(arg_lists, envs, strict=True)]
     deadline = time.time() + timeout
     results = []
     try:

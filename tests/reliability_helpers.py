@@ -29,7 +29,7 @@ class ProcCluster:
         self.scheduler_file = tmp_path / "scheduler.json"
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "OMP_NUM_THREADS": "1",
-                    "TOKENIZERS_PARALLELISM": "false"}
+                    "TOKENIZERS_PARALLELISM": "false", "PDBATCH_TEST_GATE": str(tmp_path / "gate")}
 
     def _start(self, name: str, *cmd: str) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "w")
@@ -47,11 +47,17 @@ class ProcCluster:
             assert time.time() < deadline, "scheduler did not start"
             time.sleep(0.1)
 
-    def add_worker(self, name: str, role: str) -> subprocess.Popen:
+    def add_worker(self, name: str, role: str, gated: bool = False) -> subprocess.Popen:
+        """gated: the worker pays its imports now but registers only once open_gate() is called
+        (tests/gated_worker_preload.py): a replacement that joins late without a late start."""
+        gate = ["--preload", str(REPO / "tests" / "gated_worker_preload.py")] if gated else []
         return self._start(name, "distributed.cli.dask_worker", "--scheduler-file", str(self.scheduler_file),
                            "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
                            "--dashboard-address", "127.0.0.1:0", "--memory-limit", "0",
-                           "--no-nanny", "--name", name, "--resources", f"{role}=1", *self.tls_args)
+                           "--no-nanny", "--name", name, "--resources", f"{role}=1", *gate, *self.tls_args)
+
+    def open_gate(self) -> None:
+        (self.dir / "gate").touch()
 
     def start(self, workers: dict[str, str]) -> None:
         """The scheduler, then a worker per {name: role}."""

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, read_report, read_rows, run_cli
+from pipeline_helpers import DEFAULT_MODEL, read_report, read_rows, run_clis
 
 from pdbatch.cli import main
 from pdbatch.engines.builtin.model import load_model
@@ -201,28 +201,36 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def binary_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile-binary")
+def hostile_runs(tmp_path_factory):
+    """The binary-prompt job and the messages job, side by side (a run alone leaves a core idle
+    while it starts)."""
+    b, m = tmp_path_factory.mktemp("hostile-binary"), tmp_path_factory.mktemp("hostile-messages")
     cols = {"id": [r[0] for r in BINARY_ROWS], "prompt": pa.array([r[1] for r in BINARY_ROWS], pa.binary())}
     for name, kind in (("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int64()),
                        ("max_new_tokens", pa.int64())):
         cols[name] = pa.array([r[2].get(name) for r in BINARY_ROWS], kind)
-    pq.write_table(pa.table(cols), d / "in.parquet")
-    res = run_cli("run", d / "in.parquet", "-o", d / "out", "--id-column", "id", "--max-model-len", CTX,
-                  "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 8, "--progress", "none")
-    assert res.returncode == 0, res.stderr
-    return read_rows(d / "out"), read_report(d / "out"), d / "out"
+    pq.write_table(pa.table(cols), b / "in.parquet")
+    cells = [m if m is None or isinstance(m, str) else json.dumps(m) for _, m, _ in MESSAGE_ROWS]
+    pq.write_table(pa.table({"id": [r[0] for r in MESSAGE_ROWS], "messages": cells}), m / "in.parquet")
+    common = ["--id-column", "id", "--max-model-len", CTX, "--max-new-tokens", NEW, "--ignore-eos",
+              "--progress", "none"]
+    binary, messages = run_clis(["run", b / "in.parquet", "-o", b / "out", *common, "--unit-rows", 8],
+                                ["run", m / "in.parquet", "-o", m / "out", *common])
+    return {"binary": (b / "out", binary), "messages": (m / "out", messages)}
 
 
 @pytest.fixture(scope="module")
-def messages_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile-messages")
-    cells = [m if m is None or isinstance(m, str) else json.dumps(m) for _, m, _ in MESSAGE_ROWS]
-    pq.write_table(pa.table({"id": [r[0] for r in MESSAGE_ROWS], "messages": cells}), d / "in.parquet")
-    res = run_cli("run", d / "in.parquet", "-o", d / "out", "--id-column", "id", "--max-model-len", CTX,
-                  "--max-new-tokens", NEW, "--ignore-eos", "--progress", "none")
+def binary_run(hostile_runs):
+    out, res = hostile_runs["binary"]
     assert res.returncode == 0, res.stderr
-    return {r["id"]: r for r in read_rows(d / "out")}
+    return read_rows(out), read_report(out), out
+
+
+@pytest.fixture(scope="module")
+def messages_run(hostile_runs):
+    out, res = hostile_runs["messages"]
+    assert res.returncode == 0, res.stderr
+    return {r["id"]: r for r in read_rows(out)}
 
 
 def _expect_row(row, tiny, prompt_ids, expected):

@@ -102,50 +102,60 @@ def _prompt_table(lm, n: int, seed: int):
     return pa.table({"id": [f"row{i}" for i in range(n)], "prompt": texts}), ids
 
 
-# two through the CLI, side by side (each costs a cluster start); every family runs both modes
-# in-process above
+# two through the CLI (each costs a cluster start); every family runs both modes in-process above
 CLI_FAMILIES = {"mistral": "disaggregated", "gemma2": "colocated"}
 
 
-def test_cli_families_match_hf(family_dir, tmp_path):
-    """Through the real CLI on a local cluster: KV packets of sliding-window models travel."""
-    jobs = {}
+@pytest.fixture(scope="module")
+def cli_jobs(family_dir, tmp_path_factory):
+    """This file's CLI jobs side by side: CLI_FAMILIES', and test_unserializable_...'s (its own
+    environment injects the fault). {name: (lm, prompt ids, output dir, result)}"""
+    tmp = tmp_path_factory.mktemp("family-jobs")
+    jobs, envs = {}, []
     for name, mode in CLI_FAMILIES.items():
         model = family_dir(name)
         lm = load_model(model, dtype="float32", device="cpu")
         table, ids = _prompt_table(lm, 6, seed=3)
-        pq.write_table(table, tmp_path / f"{name}.parquet")
-        jobs[name] = (lm, ids, ["run", tmp_path / f"{name}.parquet", "-o", tmp_path / name, "--model", model,
+        pq.write_table(table, tmp / f"{name}.parquet")
+        jobs[name] = (lm, ids, ["run", tmp / f"{name}.parquet", "-o", tmp / name, "--model", model,
                                 "--id-column", "id", "--mode", mode, "--max-new-tokens", NEW, "--ignore-eos",
                                 "--unit-rows", 3])
-    results = run_clis(*(args for _, _, args in jobs.values()), timeout=400)
-    for (name, (lm, ids, _)), res in zip(jobs.items(), results):
+        envs.append(None)
+    model, lm = family_dir("mistral"), jobs["mistral"][0]
+    table, ids = _prompt_table(lm, 6, seed=4)
+    pq.write_table(table, tmp / "unserializable.parquet")
+    jobs["unserializable"] = (lm, ids, ["run", tmp / "unserializable.parquet", "-o", tmp / "unserializable",
+                                        "--model", model, "--id-column", "id", "--max-new-tokens", 8, "--ignore-eos",
+                                        "--unit-rows", 3, "--max-attempts", 2])
+    envs.append({ENV_UNSERIALIZABLE: "row4"})
+    results = run_clis(*(args for _, _, args in jobs.values()), timeout=400, envs=envs)
+    return {name: (lm, ids, tmp / name, res) for (name, (lm, ids, _)), res in zip(jobs.items(), results)}
+
+
+def test_cli_families_match_hf(cli_jobs):
+    """Through the real CLI on a local cluster: KV packets of sliding-window models travel."""
+    for name in CLI_FAMILIES:
+        lm, ids, out, res = cli_jobs[name]
         assert res.returncode == 0, (name, res.stderr)
-        rows = read_rows(tmp_path / name)
+        rows = read_rows(out)
         assert [r["error"] for r in rows] == [None] * len(ids), name
         assert [r["output_token_ids"] for r in rows] == [hf_greedy(lm, p, NEW) for p in ids], name
 
 
-def test_unserializable_result_is_retried_then_quarantined(family_dir, tmp_path):
+def test_unserializable_result_is_retried_then_quarantined(cli_jobs):
     """A prefill result that cannot be serialized fails its unit's attempt (retried), then the
     unit's rows are probed alone and the one bad row is quarantined with the error in the row and
     in report.json; the job ends by itself with every other row written."""
-    model = family_dir("mistral")
-    lm = load_model(model, dtype="float32", device="cpu")
-    table, ids = _prompt_table(lm, 6, seed=4)
-    pq.write_table(table, tmp_path / "in.parquet")
-    res = run_cli("run", tmp_path / "in.parquet", "-o", tmp_path / "out", "--model", model, "--id-column", "id",
-                  "--max-new-tokens", 8, "--ignore-eos", "--unit-rows", 3, "--max-attempts", 2,
-                  timeout=300, env={ENV_UNSERIALIZABLE: "row4"})
+    lm, ids, out, res = cli_jobs["unserializable"]
     assert res.returncode == 0, res.stderr
-    rows = {r["id"]: r for r in read_rows(tmp_path / "out")}
+    rows = {r["id"]: r for r in read_rows(out)}
     assert set(rows) == {f"row{i}" for i in range(6)}
     assert "quarantined" in rows["row4"]["error"] and "cannot be serialized" in rows["row4"]["error"]
     for i, p in enumerate(ids):
         if i != 4:
             assert rows[f"row{i}"]["error"] is None
             assert rows[f"row{i}"]["output_token_ids"] == hf_greedy(lm, p, 8)
-    report = read_report(tmp_path / "out")
+    report = read_report(out)
     assert report["rows_quarantined"] == 1 and report["unit_retries"] >= 2
     assert any("cannot be serialized" in f["error"] and "injected fault" in f["error"]
                for f in report["unit_failures"])

@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     rows, units = 64, 16  # many units: Ctrl-C must land part-way however fast the engine is
     prompts = [f"Row {i}: write about the number {i}." for i in range(rows)]
     pq.write_table(pa.table({"prompt": prompts}), inp)
-    args = ["run", inp, "--max-new-tokens", 40, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
+    args = ["run", inp, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4, "--max-inflight-units", 2]
     clean = tmp_path / "clean"  # the same job uninterrupted, beside the interrupted one
     reference_run = concurrent.futures.ThreadPoolExecutor(1).submit(run_cli, *args, "-o", clean)
     out = tmp_path / "resumed"
@@ -190,9 +190,9 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     done_before = manifest_units(out)
     assert 3 <= len(done_before) < units, "the run must stop part-way"
     assert not (out / "_SUCCESS").exists()
-    assert reference_run.result().returncode == 0
-    res = run_cli(*args, "-o", out)
+    res = run_cli(*args, "-o", out)  # the resume, while the clean run may still be going
     assert res.returncode == 0, res.stderr
+    assert reference_run.result().returncode == 0
     report = read_report(out)
     assert report["units_resumed"] == len(done_before)
     assert report["rows_this_run"] == rows - 4 * len(done_before)  # finished units not recomputed
@@ -206,7 +206,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 
 def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     """An existing cluster: scheduler + one worker per role; a second decode worker joins."""
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    gate = tmp_path / "gate"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PDBATCH_TEST_GATE": str(gate)}
     procs = []
 
     def start(*cmd):
@@ -219,37 +220,49 @@ def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     try:
         start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))
+        # the workers wait for the scheduler file themselves: their start overlaps the scheduler's.
+        # No nannies (three fewer processes to start on 2 cores): joining is the worker's doing;
+        # test_slurm's jobs run the nanny'd `dask worker` on an existing cluster
+        worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0", "--no-nanny"]
+        start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
+        start(*worker, "--name", "decode-a", "--resources", "decode=1")
+        # the newcomer starts now and pays its imports, but registers only once the gate opens
+        # (its preload runs before registration): it joins mid-job however short the job is
+        start(*worker, "--name", "decode-b", "--resources", "decode=1",
+              "--preload", str(REPO / "tests" / "gated_worker_preload.py"))
         deadline = time.time() + 60
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
-        worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0"]
-        start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
-        start(*worker, "--name", "decode-a", "--resources", "decode=1")
         inp = tmp_path / "in.parquet"
-        # long enough that the newcomer (process start + model load) joins well before the end
-        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(160)]}), inp)
+        rows = 128  # after the gate opens, enough left for the newcomer's engine set-up and a share
+        pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(rows)]}), inp)
         out = tmp_path / "out"
         driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file", str(sched_file),
-                                   "--max-new-tokens", "64", "--ignore-eos", "--unit-rows", "2",
+                                   "--max-new-tokens", "32", "--ignore-eos", "--unit-rows", "2",
                                    "--max-inflight-units", "4"],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while len(manifest_units(out)) < 2 and driver.poll() is None:
+        # open the gate once the job is under way and the newcomer has paid its imports
+        while not (len(manifest_units(out)) >= 2 and (tmp_path / "gate.ready").exists()) and driver.poll() is None:
             time.sleep(0.1)
-        start(*worker, "--name", "decode-b", "--resources", "decode=1")
+        gate.touch()
         _, err = driver.communicate(timeout=300)
         assert driver.returncode == 0, err
         by_worker = read_report(out)["rows_by_decode_worker"]
         assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
-        assert sum(by_worker.values()) == 160
+        assert sum(by_worker.values()) == rows
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # workers first (procs[0] is the scheduler): a nanny-less worker whose scheduler is gone
+        # waits for it instead of exiting on SIGTERM
+        for group in (procs[1:], procs[:1]):
+            for p in group:
+                p.terminate()
+            for p in group:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=30)
         for p in procs:
             wait_session_empty(p.pid)
 

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_rows, run_cli, session_processes, wait_session_empty
+from pipeline_helpers import (DEFAULT_MODEL, manifest_units, read_rows, run_cli, run_clis, session_processes,
+                              wait_session_empty)
 from reliability_helpers import (Driver, PeakRSS, ProcCluster, assert_complete_and_correct, make_tls_files, record,
                                  reference, report)
 
@@ -91,10 +92,13 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
     try:
         cluster.start_scheduler()
         cluster.add_worker("prefill-a", "prefill")
-        expected = expected_for(tiny, prompts)
+        # the replacements start now (their imports overlap the job) but join only after the kill
+        cluster.add_worker("prefill-b", "prefill", gated=True)
+        cluster.add_worker("decode-a", "decode", gated=True)
         driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
                         "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 6,
                         "--progress", "none", "--no-rebalance")  # fixed roles: the KV waits on prefill-a
+        expected = expected_for(tiny, prompts)  # while the driver starts
         with cluster.client() as client:
             prefill_a = wait_for(lambda: _addresses(client).get("prefill-a"), 60, "prefill-a")
 
@@ -105,8 +109,7 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
 
             held = wait_for(unpulled, 120, "prefill-a to hold the whole window's KV")
         t_kill = cluster.kill("prefill-a")
-        cluster.add_worker("prefill-b", "prefill")
-        cluster.add_worker("decode-a", "decode")
+        cluster.open_gate()  # prefill-b and decode-a register
         recovery_s = watch_recovery(driver, out, t_kill, {unit_of(k) for k in held})
         assert driver.finish() == 0, driver.stderr
         total_s = time.time() - t_kill
@@ -117,7 +120,7 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
         assert "starting it again (attempt 2/3)" in driver.stderr and "Traceback" not in driver.stderr
         record("prefill worker killed", units_lost=len(held), retries=r["unit_retries"],
                kill_to_lost_units_written_s=round(recovery_s, 2), kill_to_job_end_s=round(total_s, 2),
-               note="includes starting the replacement workers and loading the model")
+               note="includes the replacement workers joining (started beforehand) and loading the model")
     finally:
         if driver:
             driver.stop()
@@ -130,7 +133,7 @@ def test_decode_worker_deaths(tmp_path, tiny):
     resumable; rerun with a replacement decode worker, it completes, nothing written twice."""
     from pdbatch.driver.worker import worker_status
 
-    prompts = make_input(tmp_path / "in.parquet", 128)  # 32 units: enough left when decode-b dies
+    prompts = make_input(tmp_path / "in.parquet", 64)  # 16 units: enough left when decode-b dies (~6 done)
     out = tmp_path / "out"
     args = ["run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4,
             "--max-inflight-units", 4, "--worker-timeout", 6, "--progress", "none",
@@ -139,6 +142,7 @@ def test_decode_worker_deaths(tmp_path, tiny):
     driver = again = None
     try:
         cluster.start({"prefill-a": "prefill", "decode-a": "decode", "decode-b": "decode"})
+        cluster.add_worker("decode-c", "decode", gated=True)  # the replacement: joins after the stop
         expected = expected_for(tiny, prompts)
         with cluster.client() as client:
             addrs = wait_for(lambda: (lambda a: a if len(a) == 3 else None)(_addresses(client)), 60, "workers")
@@ -167,14 +171,14 @@ def test_decode_worker_deaths(tmp_path, tiny):
         assert last.startswith("pdbatch: job failed: no decode worker available for 6s"), driver.stderr
         assert "rerun the same command to resume" in last
         done = manifest_units(out)
-        assert before <= len(done) < 32 and not (out / "_SUCCESS").exists()
+        assert before <= len(done) < 16 and not (out / "_SUCCESS").exists()
 
-        cluster.add_worker("decode-c", "decode")  # a replacement, then the same command again
+        cluster.open_gate()  # a replacement registers, then the same command again
         again = Driver(*args, "--scheduler-file", cluster.scheduler_file)
         assert again.finish() == 0, again.stderr
-        rows = assert_complete_and_correct(out, prompts, expected, units=32)
+        rows = assert_complete_and_correct(out, prompts, expected, units=16)
         r = report(out)
-        assert r["units_resumed"] == len(done) and r["rows_this_run"] == 128 - 4 * len(done)
+        assert r["units_resumed"] == len(done) and r["rows_this_run"] == 64 - 4 * len(done)
         by_decode = {row["decode_worker"] for row in rows}
         assert "decode-c" in by_decode and by_decode <= {"decode-a", "decode-b", "decode-c"}
         entries = {json.loads(ln)["unit"]: json.loads(ln) for ln in (out / "_pdbatch" / "manifest.jsonl").open()}
@@ -199,9 +203,9 @@ def driver_killed(tmp_path_factory, tiny):
     out = tmp / "out"
     args = ["run", tmp / "in.parquet", "-o", out, "--max-new-tokens", NEW, "--ignore-eos", "--unit-rows", 4,
             "--max-inflight-units", 2, "--progress", "none"]
-    expected = expected_for(tiny, prompts)
     driver = Driver(*args)
     try:
+        expected = expected_for(tiny, prompts)  # (~4 s) while the driver starts: well before 3 units
         driver.wait_units(out, 3)
         orphans = {p.pid for p in session_processes(driver.proc.pid)} - {driver.proc.pid}
         os.kill(driver.proc.pid, signal.SIGKILL)
@@ -320,13 +324,13 @@ def test_kv_budget_long_prompts_small_budget(tmp_path, tiny):
     budget = 7 * 2**20  # two reservations of ~1.5K tokens (6 MiB), not three (9 MiB)
     prompts = long_prompts(tiny, 12, 1450)
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
-    expected = expected_for(tiny, prompts, n=8)
     out = tmp_path / "out"
     driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", 8, "--ignore-eos",
                     "--unit-rows", 4, "--kv-budget", budget, "--worker-memory-limit", "2GiB", "--tls", "auto",
                     "--progress", "none")
     sampler = PeakRSS(driver.proc.pid)
     try:
+        expected = expected_for(tiny, prompts, n=8)  # while the driver starts its cluster
         assert driver.finish() == 0, driver.stderr
     finally:
         sampler.stop()
@@ -361,11 +365,14 @@ def test_packets_waiting_on_a_decode_worker_stay_within_its_budget(tmp_path, tin
     budget = 3 * 2**19  # 1.5 MiB: two reservations of ~310 tokens (pool rows round to 320: 640 KiB each)
     unit_kv = 2 * 260 * per_token  # ~1.02 MiB of packets: two units are more than the budget
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in.parquet")
-    expected = expected_for(tiny, prompts, n=new)
     out = tmp_path / "out"
-    proc = run_cli("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", new, "--ignore-eos",
-                   "--unit-rows", 2, "--kv-budget", budget, "--progress", "none")
-    assert proc.returncode == 0, proc.stderr
+    driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--max-new-tokens", new, "--ignore-eos",
+                    "--unit-rows", 2, "--kv-budget", budget, "--progress", "none")
+    try:
+        expected = expected_for(tiny, prompts, n=new)  # while the driver starts its cluster
+        assert driver.finish() == 0, driver.stderr
+    finally:
+        driver.stop()
     assert_complete_and_correct(out, prompts, expected, units=8)
     dec = report(out)["worker_memory"]["decode-0"]
     # measured, and never more than two units' packets (the driver's window of 6 units in flight
@@ -433,11 +440,12 @@ def test_tls_cluster_only_certified_peers(tmp_path, tiny):
 
         base = ["run", tmp_path / "in.parquet", "--scheduler-file", cluster.scheduler_file, "--max-new-tokens", 8,
                 "--ignore-eos", "--unit-rows", 2, "--progress", "none"]
-        res = run_cli(*base, "-o", tmp_path / "refused", timeout=120)
-        assert res.returncode == 2, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and "uses TLS" in res.stderr
         out = tmp_path / "out"
-        res = run_cli(*base, "-o", out, "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key)
+        # side by side (independent: the refused one never gets past the TLS handshake)
+        refused, res = run_clis([*base, "-o", tmp_path / "refused"],
+                                [*base, "-o", out, "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key])
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "uses TLS" in refused.stderr
         assert res.returncode == 0, res.stderr
         assert_complete_and_correct(out, prompts, expected, units=4)
         assert report(out)["protocol"] == "tls"

@@ -373,13 +373,26 @@ def test_free_soon_rule():
     assert roles.free_soon(None) and roles.free_soon(2.0) and not roles.free_soon(2.1)
 
 
+def test_a_decode_worker_lent_to_prefill_holds_one_unit():
+    """Seen on the prefill-heavy bench workload: the decode worker, lent to prefill at the start,
+    held a second unit when a prefilled unit needed it, and prefilled 7 s more beside its decode
+    (those rows' TPOT doubled). Lent, it takes one unit at a time."""
+    roles = Roles(rebalance=True, started=0.0)
+    roles.sync({"p": {"name": "prefill-0", "resources": {"prefill": 1}},
+                "d": {"name": "decode-0", "resources": {"decode": 1}}})
+    assert (roles.prefill_depth("p"), roles.prefill_depth("d")) == (PREFILL_DEPTH, 1)
+    roles.switch("d", "prefill", "test", now=0.0)
+    # both prefill workers hold what they may: the queue waits, and nobody else is switched
+    roles.rebalance_tick(View({"p": PREFILL_DEPTH, "d": 1}, {}, {}, queued_prefill=3, waiting_decode=0), {"p", "d"}, 1.0)
+    assert roles.role == {"p": "prefill", "d": "prefill"} and roles.switch_count == 1
+
+
 def test_busy_prefill_workers_are_not_waited_for():
     """Seen on the prefill-heavy bench workload (units of 4 rows of ~800 prompt tokens, 17-64
     new tokens): the only prefill worker had 16 s of prefill ahead, yet a prefilled unit
     waited those 16 s for it, because the decode worker held its "fair share" of decode over
     both workers, and the rows' TPOT tripled. A prefill worker busy past a quarter of a unit's
-    decode does not count in the shares; with prefill the bottleneck, a decoder prefills one
-    unit beside its decode."""
+    decode does not count in the shares."""
     import time
 
     pipe = _pipeline({"p": "prefill", "d": "decode"})
@@ -392,24 +405,17 @@ def test_busy_prefill_workers_are_not_waited_for():
                      **{f"q{i}": _unit(f"q{i}", 900, "queued", prefill=None) for i in range(3)}}
     last = pipe.inflight["u2"]
     # nothing measured yet: shares over both workers (p may switch); d holds 2000 of 2900/2
-    assert pipe._prefill_free_soon() == (3, 1)
+    assert pipe._prefill_free_soon() == 1
     assert pipe._pick_decoder(last, ["d"]) is None
     pipe.roles.unit_prefilled("x", now - 6.0, now)  # a unit's prefill takes 6 s
     pipe.roles.unit_decoded(8.0)  # and its decode 8: p has 5 s + 3 x 6 s ahead, over 2 s
-    assert pipe._prefill_free_soon() == (3, 0)
+    assert pipe._prefill_free_soon() == 0
     assert pipe._pick_decoder(last, ["d"]) == "d"
-    # a queued unit finds every prefill worker full: no helper while a unit waits for a decoder
-    queued = pipe.inflight["q0"]
-    assert pipe._prefill_helpers(queued) == []
-    last.phase, last.decode_worker = "decode", "d"
-    assert pipe._prefill_helpers(queued) == ["d"]
-    pipe.prefill_load["d"] = 1  # one unit at a time beside its decode
-    assert pipe._prefill_helpers(queued) == []
-    pipe.prefill_load["d"] = 0
-    for i in (1, 2):  # p's prefill ahead: 0.2 s of its running unit, then this one: free soon
-        del pipe.inflight[f"q{i}"]
+    # its running unit ends in 0.2 s and nothing waits behind it: p is free soon
     pipe.roles.unit_prefill_s = 1.2
-    assert pipe._prefill_free_soon(queued) == (1, 1) and pipe._prefill_helpers(queued) == []
+    for i in range(3):
+        del pipe.inflight[f"q{i}"]
+    assert pipe._prefill_free_soon() == 1 and pipe._pick_decoder(last, ["d"]) is None
 
 
 def test_a_decode_task_starts_while_its_worker_prefills(tiny):

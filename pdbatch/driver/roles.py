@@ -6,17 +6,15 @@ queue this worker takes its next unit from". With rebalancing on, every worker's
 for both phases (worker.EngineHost), and the driver moves workers between the two queues:
 
 - the queues live on the driver, not on the workers: a prefill worker gets at most
-  PREFILL_DEPTH units at a time (one running, one ready), and a decode worker takes another
-  unit only while it holds less than its fair share of the decode work (rows decoding or
-  waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
-  its KV budget; what no worker has taken yet can go to whichever worker changes role;
+  PREFILL_DEPTH units at a time (one running, one ready; one for a decode worker lent to
+  prefill), and a decode worker takes another unit only while it holds less than its fair
+  share of the decode work (rows decoding or waiting for a decoder, divided by the workers
+  that could decode), within max_num_seqs and its KV budget; what no worker has taken yet can
+  go to whichever worker changes role;
 - the shares count a prefill worker only if it will be free soon (its prefill ahead, at the
   measured time a unit's prefill takes, ends within a quarter of a unit's decode): a unit does
-  not wait, its first token out, for a worker that will not come. With units waiting for
-  prefill and no prefill worker free soon (prefill is the bottleneck), a decode worker with no
-  prefill in flight prefills one unit beside its decode when every prefill worker is full and
-  no prefilled unit waits for a decoder (its rows decode more slowly meanwhile, but nothing
-  waits; on a worker that does both, a prefill leaves its Dask thread slot: tasks.py);
+  not wait, its first token out, for a worker that will not come; and a decode task handed to
+  a worker still prefilling starts at once (a prefill leaves its Dask thread slot: tasks.py);
 - prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
@@ -117,6 +115,13 @@ class Roles:
             self.names[addr] = w["name"]
             self.initial.setdefault(w["name"], role)
 
+    def prefill_depth(self, addr: str) -> int:
+        """Prefill units a worker may hold at once: PREFILL_DEPTH, but one for a worker lent to
+        prefill by decode (its first role), so that when a unit needs it to decode, at most the
+        unit it is running holds it up (measured: a second, queued unit kept a decode worker
+        prefilling 7 s more, beside its decode, and those rows' TPOT doubled)."""
+        return 1 if self.initial.get(self.names.get(addr, addr)) == "decode" else PREFILL_DEPTH
+
     def pool(self, role: str, live) -> list[str]:
         return [a for a, r in self.role.items() if r == role and a in live]
 
@@ -192,7 +197,7 @@ class Roles:
             self._starved_since = None
             return
         # units wait for prefill and no prefilled unit waits for decode
-        if any(v.prefill_units.get(a, 0) < PREFILL_DEPTH for a in prefill):
+        if any(v.prefill_units.get(a, 0) < self.prefill_depth(a) for a in prefill):
             self._starved_since = None
             return  # a prefill worker has room: the units go there this tick
         need = -(-v.queued_prefill // PREFILL_DEPTH)

@@ -109,10 +109,8 @@ unset PYTHONHOME
 # Two pytest processes (pytest-xdist), one test file at a time each: a lone `pdbatch run`
 # keeps ~1.2 of 2 cores busy while its processes start, and a file's module fixtures (shared
 # runs) stay in one process. -n 0 (PDBATCH_TEST_PROCESSES=0, or -n 0 among the arguments, which
-# come last and win) runs in this process. Files go out in collection order, the costliest first
-# (tests/conftest.py). --durations: the 25 slowest in every log (CI's too), to keep the suite's
-# time in view.
+# come last and win) runs in this process. --durations: the 25 slowest in every log (CI's too),
+# to keep the suite's time in view.
 status=0
-"$VENV/bin/python" -m pytest -q -rfEs --durations=25 -n "${PDBATCH_TEST_PROCESSES:-2}" --dist loadfile \
-    --no-loadscope-reorder "$@" || status=$?
+"$VENV/bin/python" -m pytest -q -rfEs --durations=25 -n "${PDBATCH_TEST_PROCESSES:-2}" --dist loadfile "$@" || status=$?
 exit "$status"

@@ -312,40 +312,24 @@ def test_dashboard_roles_view_and_monitor_counts():
     assert (point["prefill_workers"], point["decode_workers"], point["role_switches"]) == (0, 2, 1)
 
 
-def _unit(name, work, phase, decoder=None, prefill="p"):
-    from types import SimpleNamespace
-
-    from pdbatch.driver.pipeline import _Unit
-
-    return _Unit(unit=SimpleNamespace(unit_id=name), keep=None, rows=pa.table({"x": [0] * 4}), phase=phase,
-                 work=work, decode_worker=decoder, prefill_worker=prefill)
-
-
-def _pipeline(roles: dict[str, str]):
-    """A Pipeline's routing state without a cluster: workers by address with the driver's roles."""
-    from types import SimpleNamespace
-
-    from pdbatch.driver.pacing import DecodeRate
-    from pdbatch.driver.pipeline import Pipeline
-
-    pipe = Pipeline.__new__(Pipeline)
-    pipe.cfg = SimpleNamespace(max_num_seqs=64, mode="disaggregated")
-    pipe.workers = {a: {"status": "running"} for a in roles}
-    pipe.names = {a: a for a in roles}
-    pipe.budgets, pipe.decode_kv, pipe.prefill_load, pipe.inflight = {a: 1 << 30 for a in roles}, {}, {}, {}
-    pipe.roles = Roles(rebalance=True, started=0.0)
-    pipe.roles.role, pipe.roles.names = dict(roles), dict(pipe.names)
-    pipe.decode_rate = DecodeRate()
-    return pipe
-
-
 def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     """Seen on the decode-heavy bench workload (8 units of 4 rows, output lengths differ): both
     workers decoding, one prefilled unit left; it fitted no one's fair share of the decode
     tokens once added, waited 31 s for a unit to finish, then decoded alone for 28 s. A worker
     below its share before the unit takes it."""
-    unit = _unit
-    pipe = _pipeline({"p": "decode", "d": "decode"})
+    from types import SimpleNamespace
+
+    from pdbatch.driver.pipeline import Pipeline, _Unit
+
+    def unit(name, work, phase, decoder=None, prefill="p"):
+        return _Unit(unit=SimpleNamespace(unit_id=name), keep=None, rows=pa.table({"x": [0] * 4}), phase=phase,
+                     work=work, decode_worker=decoder, prefill_worker=prefill)
+
+    pipe = Pipeline.__new__(Pipeline)
+    pipe.cfg = SimpleNamespace(max_num_seqs=64)
+    pipe.workers = {"p": {"status": "running"}, "d": {"status": "running"}}
+    pipe.names = {"p": "prefill-0", "d": "decode-0"}
+    pipe.budgets, pipe.decode_kv = {"p": 1 << 30, "d": 1 << 30}, {}
     last = unit("u7", 900, "wait-room")
     pipe.inflight = {"u0": unit("u0", 1000, "decode", "p"), "u1": unit("u1", 1000, "decode", "p"),
                      "u2": unit("u2", 700, "decode", "d"), "u3": unit("u3", 800, "decode", "d"), "u7": last}
@@ -356,104 +340,4 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     assert pipe._pick_decoder(last, ["p", "d"]) == "d"
     # a third worker, prefilling now, could change role: the shares are thirds, both are above
     pipe.workers["x"] = {"status": "running"}
-    pipe.roles.role["x"] = "prefill"
     assert pipe._pick_decoder(last, ["p", "d"]) is None
-
-
-def test_free_soon_rule():
-    """A unit's prefill time is measured from when the worker could start it (one prefill at a
-    time per worker); a prefill worker is free soon when its prefill ahead ends within a quarter
-    of a unit's decode."""
-    roles = Roles(rebalance=True, started=0.0)
-    roles.unit_prefilled("p", started=0.0, now=3.0)
-    roles.unit_prefilled("p", started=0.5, now=6.0)  # handed out at 0.5, started when the first ended
-    assert roles.unit_prefill_s == pytest.approx(3.0) and roles.prefill_ended("p") == 6.0
-    assert roles.free_soon(30.0)  # no unit decoded yet: free (no guess routes units for good)
-    roles.unit_decoded(8.0)
-    assert roles.free_soon(None) and roles.free_soon(2.0) and not roles.free_soon(2.1)
-
-
-def test_a_decode_worker_lent_to_prefill_holds_one_unit():
-    """Seen on the prefill-heavy bench workload: the decode worker, lent to prefill at the start,
-    held a second unit when a prefilled unit needed it, and prefilled 7 s more beside its decode
-    (those rows' TPOT doubled). Lent, it takes one unit at a time."""
-    roles = Roles(rebalance=True, started=0.0)
-    roles.sync({"p": {"name": "prefill-0", "resources": {"prefill": 1}},
-                "d": {"name": "decode-0", "resources": {"decode": 1}}})
-    assert (roles.prefill_depth("p"), roles.prefill_depth("d")) == (PREFILL_DEPTH, 1)
-    roles.switch("d", "prefill", "test", now=0.0)
-    # both prefill workers hold what they may: the queue waits, and nobody else is switched
-    roles.rebalance_tick(View({"p": PREFILL_DEPTH, "d": 1}, {}, {}, queued_prefill=3, waiting_decode=0), {"p", "d"}, 1.0)
-    assert roles.role == {"p": "prefill", "d": "prefill"} and roles.switch_count == 1
-
-
-def test_busy_prefill_workers_are_not_waited_for():
-    """Seen on the prefill-heavy bench workload (units of 4 rows of ~800 prompt tokens, 17-64
-    new tokens): the only prefill worker had 16 s of prefill ahead, yet a prefilled unit
-    waited those 16 s for it, because the decode worker held its "fair share" of decode over
-    both workers, and the rows' TPOT tripled. A prefill worker busy past a quarter of a unit's
-    decode does not count in the shares."""
-    import time
-
-    pipe = _pipeline({"p": "prefill", "d": "decode"})
-    now = time.time()
-    running = _unit("r", 900, "prefill", prefill="p")
-    running.counted_prefill, running.prefill_started = True, now - 1.0
-    pipe.prefill_load = {"p": 1}
-    pipe.inflight = {"u0": _unit("u0", 1000, "decode", "d"), "u1": _unit("u1", 1000, "decode", "d"),
-                     "u2": _unit("u2", 900, "wait-room", prefill="p"), "r": running,
-                     **{f"q{i}": _unit(f"q{i}", 900, "queued", prefill=None) for i in range(3)}}
-    last = pipe.inflight["u2"]
-    # nothing measured yet: shares over both workers (p may switch); d holds 2000 of 2900/2
-    assert pipe._prefill_free_soon() == 1
-    assert pipe._pick_decoder(last, ["d"]) is None
-    pipe.roles.unit_prefilled("x", now - 6.0, now)  # a unit's prefill takes 6 s
-    pipe.roles.unit_decoded(8.0)  # and its decode 8: p has 5 s + 3 x 6 s ahead, over 2 s
-    assert pipe._prefill_free_soon() == 0
-    assert pipe._pick_decoder(last, ["d"]) == "d"
-    # its running unit ends in 0.2 s and nothing waits behind it: p is free soon
-    pipe.roles.unit_prefill_s = 1.2
-    for i in range(3):
-        del pipe.inflight[f"q{i}"]
-    assert pipe._prefill_free_soon() == 1 and pipe._pick_decoder(last, ["d"]) is None
-
-
-def test_a_decode_task_starts_while_its_worker_prefills(tiny):
-    """Rebalancing gives a worker both phases, and it runs one Dask task per thread slot: a
-    decode task handed to a worker in the middle of a long prefill must start (its packets go
-    into the engine, which decodes them beside the prefill) instead of waiting for the prefill,
-    its rows' first tokens already out. Real Dask worker, real engine, the driver's task
-    functions."""
-    import time
-
-    from distributed import Client, LocalCluster, as_completed
-
-    from pdbatch.config import build_config
-    from pdbatch.driver.tasks import decode_unit, prefill_unit
-    from pdbatch.driver.worker import EngineHost
-    from pdbatch.io.dataset import ROW_ID
-
-    cfg = build_config({"input": "in", "output": "out", "max_new_tokens": 4, "ignore_eos": True})
-    columns = {"prompt": "prompt", "messages": None, "sampling": []}
-
-    def rows(prefix, n, words):
-        return pa.table({ROW_ID: [f"{prefix}{i}" for i in range(n)],
-                         "prompt": [" ".join(f"word{i}-{j}" for j in range(words)) for i in range(n)]})
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        client.register_plugin(EngineHost(model=DEFAULT_MODEL, dtype="float32", device="cpu", mode="disaggregated",
-                                          max_batch_tokens=256, kv_budget_bytes=1 << 30, max_num_seqs=8,
-                                          max_model_len=2048, threads=1, rebalance=True))
-        short = client.submit(prefill_unit, rows("a", 1, 4), columns, cfg.default_params(), pure=False)
-        short.result()
-        long = client.submit(prefill_unit, rows("b", 48, 120), columns, cfg.default_params(), pure=False)
-        while not client.run(lambda dask_worker: bool(dask_worker.state.executing or dask_worker.state.long_running)) \
-                .popitem()[1]:
-            time.sleep(0.01)
-        decode = client.submit(decode_unit, short, short.key, pure=False)
-        first = next(as_completed([long, decode]))
-        assert first is decode, "the decode waited for the prefill to finish"
-        assert [o.error for o in decode.result()] == [None]
-        assert not long.done()  # the prefill really was running the whole time
-        long.result()

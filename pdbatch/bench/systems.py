@@ -137,13 +137,6 @@ def _timeline(data: list, names: dict, t0: float) -> list:
             kind = phase if ss["action"] == "compute" else "transfer" if ss["action"] == "transfer" else None
             if kind and ss["stop"] >= t0:
                 spans.append([worker, kind, round(ss["start"] - t0, 4), round(ss["stop"] - t0, 4)])
-    # A worker runs one prefill at a time, but a prefill task handed to a worker that also decodes
-    # starts at once and waits for the one before it (driver/tasks.py): it computed from that
-    # one's end.
-    last_end: dict = {}
-    for span in sorted((s for s in spans if s[1] == "prefill"), key=lambda s: (s[0], s[3])):
-        span[2] = max(span[2], min(last_end.get(span[0], span[2]), span[3]))
-        last_end[span[0]] = span[3]
     return sorted(spans, key=lambda s: (s[0], s[2]))
 
 

@@ -6,7 +6,7 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   however large the input is;
 - roles are the driver's (roles.py): with rebalancing on (the default) every worker can do both
   phases and moves between the prefill and the decode queue as the work needs; units then wait
-  on the driver (a prefill worker gets at most roles.prefill_depth units, a decode worker at
+  on the driver (a prefill worker gets at most roles.PREFILL_DEPTH units, a decode worker at
   most its fair share of the decode work, its own prefilled units first) so that whichever
   worker changes role finds work; with rebalancing off, what follows holds as written;
 - a unit's prefill goes to the prefill worker with the fewest units in progress; in a fixed
@@ -41,7 +41,7 @@ from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
 from .pacing import HEARTBEAT_LAG_S, DecodeRate, DecodeSlots, may_prefill
 from .quarantine import Quarantine, Suspect
-from .roles import Roles, View
+from .roles import PREFILL_DEPTH, Roles, View
 from .watchdog import Watchdog
 from .tasks import decode_unit, generate_unit, prefill_unit, write_unit
 from .worker import EngineHost, sent_transfer_bytes, worker_memory, worker_status
@@ -177,7 +177,7 @@ class Pipeline:
         colocated = self.cfg.mode == "colocated"
         pool = self.role_workers("decode" if colocated else "prefill")
         if self.roles.rebalance:  # the rest waits on the driver, for whichever worker takes prefill
-            pool = [a for a in pool if self.prefill_load.get(a, 0) < self.roles.prefill_depth(a)]
+            pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH]
         if not pool or (not colocated and not self.roles.rebalance and not self._decode_room(u)):
             u.phase = "queued"
             return False
@@ -194,27 +194,6 @@ class Pipeline:
             u.futures = {"prefill": self._submit(prefill_unit, u.rows, self.columns, self.defaults,
                                                  phase="prefill", u=u, worker=w)}
         return True
-
-    def _prefill_free_soon(self) -> int:
-        """Prefill workers (the driver's roles) free soon (roles.free_soon): their prefill ahead,
-        the running unit's rest plus the units behind it and their part of the queue, at the
-        measured time a unit's prefill takes."""
-        now = time.time()
-        prefill = self.roles.pool("prefill", set(self.live_workers()))
-        queued = sum(x.phase == "queued" for x in self.inflight.values())
-        unit_s = self.roles.unit_prefill_s
-        free = 0
-        for a in prefill:
-            left = None
-            if unit_s is not None:
-                mine = sorted(x.prefill_started for x in self.inflight.values()
-                              if x.counted_prefill and x.prefill_worker == a)
-                left = queued / len(prefill) * unit_s
-                if mine:  # one runs (since the one before it ended), the rest wait behind it
-                    running = now - max(mine[0], self.roles.prefill_ended(a))
-                    left += max(0.0, unit_s - running) + (len(mine) - 1) * unit_s
-            free += self.roles.free_soon(left)
-        return free
 
     def _decode_room(self, u: _Unit) -> bool:
         """Fixed split: whether the decode workers have slots for u's rows (pacing.py)."""
@@ -290,8 +269,7 @@ class Pipeline:
         units, rows, work = self._decode_units(pool)
         stage = sum(x.work for x in self.inflight.values()
                     if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
-        # over the workers that could take it: a prefill worker counts only if free soon
-        share = -(-stage // max(1, len(pool) + self._prefill_free_soon()))
+        share = -(-stage // max(1, len(self.live_workers())))
         n = u.rows.num_rows
 
         # below its share before this unit: when every worker decodes, some worker is, so no unit
@@ -507,7 +485,6 @@ class Pipeline:
             self.watchdog.progress()
             self._end_prefill_load(u)
             self.decode_rate.unit_prefilled(time.time() - u.prefill_started)
-            self.roles.unit_prefilled(u.prefill_worker, u.prefill_started, time.time())
             self.submit_decode(u)
         elif u.probe is not None and "decode" in u.futures and u.futures["decode"].status == "finished":
             out = self._result(u, "decode")

@@ -6,15 +6,10 @@ queue this worker takes its next unit from". With rebalancing on, every worker's
 for both phases (worker.EngineHost), and the driver moves workers between the two queues:
 
 - the queues live on the driver, not on the workers: a prefill worker gets at most
-  PREFILL_DEPTH units at a time (one running, one ready; one for a decode worker lent to
-  prefill), and a decode worker takes another unit only while it holds less than its fair
-  share of the decode work (rows decoding or waiting for a decoder, divided by the workers
-  that could decode), within max_num_seqs and its KV budget; what no worker has taken yet can
-  go to whichever worker changes role;
-- the shares count a prefill worker only if it will be free soon (its prefill ahead, at the
-  measured time a unit's prefill takes, ends within a quarter of a unit's decode): a unit does
-  not wait, its first token out, for a worker that will not come; and a decode task handed to
-  a worker still prefilling starts at once (a prefill leaves its Dask thread slot: tasks.py);
+  PREFILL_DEPTH units at a time (one running, one ready), and a decode worker takes another
+  unit only while it holds less than its fair share of the decode work (rows decoding or
+  waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
+  its KV budget; what no worker has taken yet can go to whichever worker changes role;
 - prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
@@ -91,8 +86,6 @@ class Roles:
     switch_count: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # for the dashboard
     unit_decode_s: float | None = None  # moving average of a unit's decode time
-    unit_prefill_s: float | None = None  # moving average of a unit's prefill compute time
-    _prefill_ended: dict = field(default_factory=dict)  # address -> when its last prefill ended
     _starved_since: float | None = None
 
     # --- membership ---------------------------------------------------------------------------
@@ -115,13 +108,6 @@ class Roles:
             self.names[addr] = w["name"]
             self.initial.setdefault(w["name"], role)
 
-    def prefill_depth(self, addr: str) -> int:
-        """Prefill units a worker may hold at once: PREFILL_DEPTH, but one for a worker lent to
-        prefill by decode (its first role), so that when a unit needs it to decode, at most the
-        unit it is running holds it up (measured: a second, queued unit kept a decode worker
-        prefilling 7 s more, beside its decode, and those rows' TPOT doubled)."""
-        return 1 if self.initial.get(self.names.get(addr, addr)) == "decode" else PREFILL_DEPTH
-
     def pool(self, role: str, live) -> list[str]:
         return [a for a, r in self.role.items() if r == role and a in live]
 
@@ -135,27 +121,6 @@ class Roles:
     def unit_decoded(self, seconds: float) -> None:
         a = self.unit_decode_s
         self.unit_decode_s = seconds if a is None else 0.8 * a + 0.2 * seconds
-
-    def unit_prefilled(self, worker: str, started: float, now: float) -> None:
-        """A unit's prefill on `worker` ended. A worker runs one prefill at a time, so the unit's
-        own time starts when it was handed out or when the worker's previous prefill ended."""
-        seconds = now - max(started, self._prefill_ended.get(worker, 0.0))
-        self._prefill_ended[worker] = now
-        a = self.unit_prefill_s
-        self.unit_prefill_s = seconds if a is None else 0.8 * a + 0.2 * seconds
-
-    def prefill_ended(self, worker: str) -> float:
-        return self._prefill_ended.get(worker, 0.0)
-
-    def free_soon(self, prefill_left_s: float | None) -> bool:
-        """Whether a prefill worker with `prefill_left_s` of prefill ahead of it will be free to
-        decode what is prefilled now: within a quarter of a unit's measured decode, the wait
-        that rebalancing allows a unit (with its first token out) so that a worker changing
-        role can take it. Unmeasured: free (a guess that held early would route the first units
-        to the first decoders for good, and a decode-heavy job would end on them alone)."""
-        if prefill_left_s is None or self.unit_decode_s is None:
-            return True
-        return prefill_left_s <= 0.25 * self.unit_decode_s
 
     # --- switching ----------------------------------------------------------------------------
     def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:
@@ -197,7 +162,7 @@ class Roles:
             self._starved_since = None
             return
         # units wait for prefill and no prefilled unit waits for decode
-        if any(v.prefill_units.get(a, 0) < self.prefill_depth(a) for a in prefill):
+        if any(v.prefill_units.get(a, 0) < PREFILL_DEPTH for a in prefill):
             self._starved_since = None
             return  # a prefill worker has room: the units go there this tick
         need = -(-v.queued_prefill // PREFILL_DEPTH)
@@ -231,8 +196,7 @@ class Roles:
     def report(self) -> dict:
         return {"rebalance": self.rebalance, "initial": dict(sorted(self.initial.items())),
                 "final": self.by_name(), "switches": self.switch_count,
-                "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3),
-                "unit_prefill_s": None if self.unit_prefill_s is None else round(self.unit_prefill_s, 3)}
+                "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3)}
 
     def snapshot(self) -> dict:
         """For the dashboard (monitoring/progress.snapshot): current roles and recent switches."""

@@ -10,7 +10,6 @@ UCXX on GPU clusters).
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import pyarrow as pa
@@ -24,12 +23,6 @@ from ..io.prompts import RowError, encode_prompt
 from ..kv.packet import KVPacket, UnitPackets
 from . import faults
 from .worker import current_engine
-
-# One prefill at a time per worker. On a worker that also decodes (rebalancing) a prefill task
-# leaves its Dask thread slot (secede) and waits here instead: a worker runs one task per slot,
-# and a decode task handed to it would otherwise wait behind every prefill queued there, its
-# rows' first tokens out (measured: 11 s; those rows' TPOT x3).
-_PREFILL_LOCK = threading.Lock()
 
 
 def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, tokenizer,
@@ -91,16 +84,7 @@ def prefill_unit(rows: pa.Table, columns: dict, defaults: SamplingParams) -> Uni
     engine = current_engine()
     reqs, fails = build_requests(rows, columns, defaults, engine.tokenizer, engine.worker_name,
                                  engine.vocab_size)
-    todo = [r for r in reqs if r is not None]
-    if "decode" in engine.roles:  # rebalancing: this worker may also be decoding
-        secede()
-        try:
-            with _PREFILL_LOCK:
-                results = engine.prefill(todo)
-        finally:
-            rejoin()
-    else:
-        results = engine.prefill(todo)
+    results = engine.prefill([r for r in reqs if r is not None])
     it = iter(results)
     unit = UnitPackets(f if f is not None else next(it) for f in fails)
     unit = faults.inject_unserializable(unit, rows.column(ROW_ID).to_pylist())

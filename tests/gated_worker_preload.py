@@ -12,9 +12,7 @@ from pathlib import Path
 
 
 async def dask_setup(worker) -> None:
-    import pdbatch.engines.builtin  # noqa: F401  (with torch and transformers: the slow part)
-    import pdbatch.engines.builtin.model  # noqa: F401
-    import transformers  # noqa: F401
+    import pdbatch.engines.builtin  # noqa: F401  (its model module, torch, transformers: the slow part)
 
     gate = Path(os.environ["PDBATCH_TEST_GATE"])
     Path(f"{gate}.ready").touch()

@@ -56,6 +56,10 @@ class ProcCluster:
                            "--dashboard-address", "127.0.0.1:0", "--memory-limit", "0",
                            "--no-nanny", "--name", name, "--resources", f"{role}=1", *gate, *self.tls_args)
 
+    def gate_ready(self) -> bool:
+        """Whether a gated worker has paid its imports and now waits for open_gate()."""
+        return (self.dir / "gate.ready").exists()
+
     def open_gate(self) -> None:
         (self.dir / "gate").touch()
 

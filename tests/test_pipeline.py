@@ -7,7 +7,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -206,65 +205,35 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 
 def test_decode_worker_joining_mid_job_takes_work(tmp_path):
     """An existing cluster: scheduler + one worker per role; a second decode worker joins."""
-    gate = tmp_path / "gate"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "PDBATCH_TEST_GATE": str(gate)}
-    procs = []
+    from reliability_helpers import ProcCluster
 
-    def start(*cmd):
-        p = subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        return p
-
-    sched_file = tmp_path / "scheduler.json"
+    # No nannies (three fewer processes to start on 2 cores): joining is the worker's doing;
+    # test_slurm's jobs run the nanny'd `dask worker` on an existing cluster
+    cluster = ProcCluster(tmp_path)
     try:
-        start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))
-        # the workers wait for the scheduler file themselves: their start overlaps the scheduler's.
-        # No nannies (three fewer processes to start on 2 cores): joining is the worker's doing;
-        # test_slurm's jobs run the nanny'd `dask worker` on an existing cluster
-        worker = ["distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                  "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "0", "--no-nanny"]
-        start(*worker, "--name", "prefill-a", "--resources", "prefill=1")
-        start(*worker, "--name", "decode-a", "--resources", "decode=1")
+        cluster.start({"prefill-a": "prefill", "decode-a": "decode"})
         # the newcomer starts now and pays its imports, but registers only once the gate opens
         # (its preload runs before registration): it joins mid-job however short the job is
-        start(*worker, "--name", "decode-b", "--resources", "decode=1",
-              "--preload", str(REPO / "tests" / "gated_worker_preload.py"))
-        deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
+        cluster.add_worker("decode-b", "decode", gated=True)
         inp = tmp_path / "in.parquet"
         rows = 128  # after the gate opens, enough left for the newcomer's engine set-up and a share
         pq.write_table(pa.table({"prompt": [f"Tell me about item {i}." for i in range(rows)]}), inp)
         out = tmp_path / "out"
-        driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file", str(sched_file),
-                                   "--max-new-tokens", "32", "--ignore-eos", "--unit-rows", "2",
-                                   "--max-inflight-units", "4"],
+        driver = subprocess.Popen([*PDBATCH, "run", str(inp), "-o", str(out), "--scheduler-file",
+                                   str(cluster.scheduler_file), "--max-new-tokens", "32", "--ignore-eos",
+                                   "--unit-rows", "2", "--max-inflight-units", "4"],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # open the gate once the job is under way and the newcomer has paid its imports
-        while not (len(manifest_units(out)) >= 2 and (tmp_path / "gate.ready").exists()) and driver.poll() is None:
+        while not (len(manifest_units(out)) >= 2 and cluster.gate_ready()) and driver.poll() is None:
             time.sleep(0.1)
-        gate.touch()
+        cluster.open_gate()
         _, err = driver.communicate(timeout=300)
         assert driver.returncode == 0, err
         by_worker = read_report(out)["rows_by_decode_worker"]
         assert by_worker.get("decode-b", 0) >= 4, by_worker  # the newcomer took a share
         assert sum(by_worker.values()) == rows
     finally:
-        # workers first (procs[0] is the scheduler): a nanny-less worker whose scheduler is gone
-        # waits for it instead of exiting on SIGTERM
-        for group in (procs[1:], procs[:1]):
-            for p in group:
-                p.terminate()
-            for p in group:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=30)
-        for p in procs:
-            wait_session_empty(p.pid)
+        cluster.close()
 
 
 def test_embedded_cluster_leaves_the_driver_environment_as_it_was(monkeypatch):

@@ -1,11 +1,15 @@
-"""pdbatch.engines.builtin.model.tune_for_cpu: the transposed weight layout and the decode attention that
-reads each row's own length must leave results as they were (tests/test_engine.py checks whole
-generations against Hugging Face; these check the pieces)."""
+"""CPU tuning. pdbatch.engines.builtin.model.tune_for_cpu: the transposed weight layout and the decode
+attention that reads each row's own length must leave results as they were (tests/test_engine.py
+checks whole generations against Hugging Face; these check the pieces). A worker process's malloc
+thresholds (driver/worker.restore_malloc_thresholds) undo what Dask's trim setting costs."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,3 +90,31 @@ def test_decode_step_over_ragged_rows_matches_padded_sdpa(llama, plain, monkeypa
     padded = len(lens) * (max(lens) + 1)
     assert read and sum(read) // layers < padded  # the tuned model used the per-run path
     assert caches[0].lengths == [n + 1 for n in lens]
+
+
+FAULTS = """
+from pipeline_helpers import big_buffer_faults
+from pdbatch.driver.worker import restore_malloc_thresholds
+
+before = big_buffer_faults()
+changed = restore_malloc_thresholds()
+print(before, changed, big_buffer_faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_worker_malloc_thresholds_undo_dasks_trim_setting():
+    """With Dask's MALLOC_TRIM_THRESHOLD_=65536 every large buffer is mmapped afresh and faults
+    its pages in again each time; after restore_malloc_thresholds() the heap keeps it. Without
+    the setting, or with the user's own MALLOC_MMAP_THRESHOLD_, nothing is changed."""
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", FAULTS], env={**base, **env}, capture_output=True,
+                             text=True, check=True, cwd=os.path.dirname(__file__)).stdout.split()
+        return int(out[0]), out[1] == "True", int(out[2])
+
+    before, changed, after = run(MALLOC_TRIM_THRESHOLD_="65536")
+    assert changed and before > 50 * 1000  # each round faulted its 1024 pages in again
+    assert after < before / 10
+    assert run()[1] is False
+    assert run(MALLOC_TRIM_THRESHOLD_="65536", MALLOC_MMAP_THRESHOLD_="131072")[1] is False

@@ -7,14 +7,15 @@ import glob
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
-                              read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
+from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, big_buffer_faults,
+                              manifest_units, read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
 
 from pdbatch.engines.builtin.model import load_model
 
@@ -260,3 +261,24 @@ def test_embedded_cluster_leaves_the_driver_environment_as_it_was(monkeypatch):
     assert len(parents) == 1 and parents != {os.getpid()}
     assert "forkserver" in " ".join(psutil.Process(parents.pop()).cmdline())
     assert set(env.values()) == {("65536", "6640")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_engine_workers_keep_their_large_buffers_despite_dasks_trim_setting():
+    """The Nanny gives every worker Dask's MALLOC_TRIM_THRESHOLD_=65536, which makes each large
+    buffer an engine step allocates a fresh mmap (vLLM's CPU engine ran a third slower); once
+    pdbatch's engine is set up on a worker (EngineHost.setup) its heap keeps them."""
+    from pdbatch.config import build_config
+    from pdbatch.driver.cluster import connect
+    from pdbatch.driver.worker import EngineHost
+
+    cfg = build_config({"input": "in", "output": "out"})
+    with connect(cfg) as (client, _, _):
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+        before = client.run(big_buffer_faults)
+        client.register_plugin(EngineHost(model=str(DEFAULT_MODEL), dtype="float32", device="cpu", mode="colocated",
+                                          max_batch_tokens=256, kv_budget_bytes=64 << 20, max_num_seqs=8,
+                                          max_model_len=0, threads=1))
+        after = client.run(big_buffer_faults)
+    assert len(before) == 2 and min(before.values()) > 50 * 1000  # each round faulted its pages in again
+    assert max(after.values()) < min(before.values()) / 10

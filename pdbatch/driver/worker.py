@@ -10,7 +10,9 @@ workers that join mid-job, so scaling a role needs no restart.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -47,6 +49,35 @@ def quiet_worker_logs() -> None:
             logger.addFilter(_DropHeartbeatAfterClose())
 
 
+# glibc's malloc thresholds in a worker process. Dask's Nanny starts workers with
+# MALLOC_TRIM_THRESHOLD_=65536 (distributed.nanny.pre-spawn-environ), so that freed memory goes
+# back to the OS; setting it also switches off glibc's dynamic mmap threshold, and every buffer
+# over 128 KiB an engine step allocates (logits, attention scratch) becomes a fresh mmap, faulted
+# in and unmapped again. Measured, vLLM's CPU engine alone on 100 rows (bench-30m, 1 thread):
+# 46.7 s with Dask's setting, 35.0 s without, 34.0 s with these values (the built-in engine:
+# 54.0 against 51.5 s). They are what glibc's dynamic rule grows to on 64-bit, fixed.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+
+
+def restore_malloc_thresholds() -> bool:
+    """In a worker process (EngineHost.setup): glibc's thresholds back where its dynamic rule
+    would put them, if a trim threshold below them was set in the environment (Dask's) and no
+    mmap threshold was. Returns whether they were changed (False off glibc)."""
+    try:
+        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD))
+    except ValueError:
+        return False
+    if trim >= TRIM_THRESHOLD or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def worker_roles(resources: dict) -> set[str]:
     return {r for r in ("prefill", "decode") if resources.get(r, 0) > 0}
 
@@ -72,6 +103,7 @@ class EngineHost(WorkerPlugin):
         from ..monitoring.metrics import install_worker_metrics
 
         quiet_worker_logs()
+        restore_malloc_thresholds()
         o = self.options
         t0 = time.time()
         name = str(worker.name)

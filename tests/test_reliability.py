@@ -118,9 +118,53 @@ def test_prefill_worker_killed_while_holding_unpulled_kv(tmp_path, tiny):
         assert r["unit_retries"] == len(held) and r["rows_quarantined"] == 0
         assert r["rows_by_prefill_worker"] == {"prefill-b": 24}  # all recomputed by the newcomer
         assert "starting it again (attempt 2/3)" in driver.stderr and "Traceback" not in driver.stderr
+        assert "left (its connection to the scheduler closed" in driver.stderr  # why, from the scheduler's events
         record("prefill worker killed", units_lost=len(held), retries=r["unit_retries"],
                kill_to_lost_units_written_s=round(recovery_s, 2), kill_to_job_end_s=round(total_s, 2),
                note="includes the replacement workers joining (started beforehand) and loading the model")
+    finally:
+        if driver:
+            driver.stop()
+        cluster.close()
+
+
+def test_prefill_worker_killed_after_its_kv_was_pulled(tmp_path, tiny):
+    """SIGKILL the prefill worker while the decode worker decodes units whose KV it already
+    pulled: Dask keeps that copy, so those units go on and are not prefilled or decoded again;
+    the units whose KV was only on the dead worker are redone on a replacement."""
+    prompts = make_input(tmp_path / "in.parquet", 24)
+    new = 128  # a unit decodes for long enough that the driver sees the loss mid-decode
+    out = tmp_path / "out"
+    cluster = ProcCluster(tmp_path)
+    driver = None
+    try:
+        cluster.start({"prefill-a": "prefill", "decode-a": "decode"})
+        cluster.add_worker("prefill-b", "prefill", gated=True)  # the replacement, joins after the kill
+        driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
+                        "--max-new-tokens", new, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 8,
+                        "--progress", "none", "--no-rebalance")
+        expected = expected_for(tiny, prompts, n=new)  # while the driver starts
+        with cluster.client() as client:
+            addrs = wait_for(lambda: len(_addresses(client)) == 2 and _addresses(client), 120, "workers")
+            pulled = {addrs["prefill-a"], addrs["decode-a"]}
+
+            def decoding_pulled_kv():  # prefill results decode-a fetched and still decodes from
+                return [k for k, who in client.who_has().items()
+                        if str(k).startswith("prefill-") and set(who) == pulled]
+
+            wait_for(decoding_pulled_kv, 120, "decode-a to decode pulled KV", every=0.01)
+            cluster.kill("prefill-a")
+        cluster.open_gate()
+        assert driver.finish() == 0, driver.stderr
+        rows = assert_complete_and_correct(out, prompts, expected, units=12)
+        r = report(out)
+        kept = r["units_kept_after_prefill_worker_left"]
+        assert kept >= 1 and r["rows_quarantined"] == 0
+        # a kept unit's rows keep their first prefill; only the restarted ones were prefilled again
+        assert sum(x["prefill_worker"] == "prefill-a" for x in rows) >= 2 * kept
+        assert r["unit_retries"] == len(r["unit_failures"])
+        assert all("prefill-a" in f["error"] and "left" in f["error"] for f in r["unit_failures"])
+        assert "Traceback" not in driver.stderr
     finally:
         if driver:
             driver.stop()

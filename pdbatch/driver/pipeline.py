@@ -56,6 +56,11 @@ class JobFailed(Exception):
     """The job cannot finish (exit code 1); the output directory stays resumable."""
 
 
+# Why the scheduler removed a worker (the stimulus of its remove-worker event), in words.
+DEPARTURES = {"handle-worker-cleanup": "its connection to the scheduler closed: the process died or closed",
+              "check-worker-ttl": "no heartbeat within distributed.scheduler.worker-ttl"}
+
+
 @dataclass
 class _Unit:
     unit: WorkUnit
@@ -102,6 +107,7 @@ class Pipeline:
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
         self.quarantine = Quarantine()
         self.retries = 0
+        self.units_kept = 0  # units whose prefill worker left after their KV was pulled: not restarted
         self.failures: list[dict] = []  # failed attempts (unit, attempt, error) for report.json
         self.watchdog = Watchdog(client, cfg.stall_timeout)
         self.on_progress = on_progress or (lambda pipeline: None)
@@ -450,11 +456,47 @@ class Pipeline:
         return since
 
     def _recover_lost_workers(self) -> None:
-        """A unit whose results sit on (or whose task is placed on) a departed worker restarts."""
+        """A unit whose results sit on (or whose task is placed on) a departed worker restarts,
+        except one whose prefill worker left after a live decode worker pulled the unit's KV:
+        Dask keeps that copy, and the decode goes on (restarting it would prefill and decode
+        the unit again)."""
+        reasons: dict[str, str] = {}
         for u in list(self.inflight.values()):
             gone = [w for w in (u.prefill_worker, u.decode_worker) if w and w not in self.workers]
-            if gone and u.futures and not (u.futures.get("write") and u.futures["write"].done()):
-                self._retry(u, f"worker {self.names.get(gone[0], '?')} ({gone[0]}) left")
+            if not gone or not u.futures or (u.futures.get("write") and u.futures["write"].done()):
+                continue
+            if gone == [u.prefill_worker] and self._kv_pulled(u):
+                u.prefill_worker = None  # nothing of the unit is left on it
+                self.units_kept += 1
+                continue
+            w = gone[0]
+            if w not in reasons:
+                reasons[w] = self._departure(w)
+            self._retry(u, f"worker {self.names.get(w, '?')} ({w}) left{reasons[w]}")
+
+    def _kv_pulled(self, u: _Unit) -> bool:
+        """Whether a live worker other than the departed prefill worker holds the unit's KV
+        (its decode worker fetched it), so the decode task needs nothing that was lost."""
+        pf = u.futures.get("prefill")
+        if u.phase != "decode" or pf is None or u.decode_worker not in self.workers:
+            return False
+        try:
+            holders = self.client.who_has([pf]).get(pf.key, ())
+        except Exception:  # an unanswered question is a lost unit: restart it, as before
+            return False
+        return any(h in self.workers for h in holders)
+
+    def _departure(self, addr: str) -> str:
+        """Why the scheduler removed a worker, from its events (for the log line and report)."""
+        try:
+            events = self.client.get_events(addr)
+        except Exception:
+            return ""
+        removed = [m for _, m in events if isinstance(m, dict) and m.get("action") == "remove-worker"]
+        if not removed:
+            return ""
+        stimulus = str(removed[-1].get("stimulus_id", "")).rstrip("0123456789.").rstrip("-")
+        return f" ({DEPARTURES.get(stimulus, stimulus)})" if stimulus else ""
 
     def _make_unit(self, unit: WorkUnit) -> _Unit:
         table = read_unit(self.plan, unit)
@@ -525,6 +567,7 @@ class Pipeline:
                               total_rows=self.plan.total_rows, resumed_units=len(self.done),
                               dask_transfer_bytes=int(sum(moved.values())), protocol=self.protocol)
         report["unit_retries"] = self.retries
+        report["units_kept_after_prefill_worker_left"] = self.units_kept
         report["rows_quarantined"] = self.quarantine.rows_quarantined
         report["unit_failures"] = self.failures
         report["stall_bound_s"] = round(self.watchdog.bound(), 1)

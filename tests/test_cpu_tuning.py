@@ -93,7 +93,7 @@ def test_decode_step_over_ragged_rows_matches_padded_sdpa(llama, plain, monkeypa
 
 
 FAULTS = """
-from pipeline_helpers import big_buffer_faults
+from malloc_probe import big_buffer_faults
 from pdbatch.driver.worker import restore_malloc_thresholds
 
 before = big_buffer_faults()

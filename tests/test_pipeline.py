@@ -14,8 +14,9 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, big_buffer_faults,
-                              manifest_units, read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
+from malloc_probe import big_buffer_faults
+from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
+                              read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
 
 from pdbatch.engines.builtin.model import load_model
 

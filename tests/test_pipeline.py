@@ -283,3 +283,33 @@ def test_engine_workers_keep_their_large_buffers_despite_dasks_trim_setting():
         after = client.run(big_buffer_faults)
     assert len(before) == 2 and min(before.values()) > 50 * 1000  # each round faulted its pages in again
     assert max(after.values()) < min(before.values()) / 10
+
+
+SLOW_TEARDOWN = """
+import os, time
+
+def dask_teardown(worker):  # a worker preload's: runs as the worker closes, like an engine's teardown
+    time.sleep(6)
+    open(os.path.join({out!r}, str(os.getpid())), "w").close()
+"""
+
+
+def test_a_worker_slow_to_close_is_given_time_to_finish(tmp_path):
+    """Dask gives a closing worker 4 s before it SIGKILLs it (then a TimeoutError traceback when
+    the killed process is slow to go, and the cluster's close waits to its timeout). A pdbatch
+    worker's engine teardown and exit with a model's heap took longer on a loaded machine: the
+    embedded cluster's Nanny lets a worker's close run to its end."""
+    import dask
+
+    from pdbatch.config import build_config
+    from pdbatch.driver.cluster import connect
+
+    preload = tmp_path / "slow_teardown.py"
+    preload.write_text(SLOW_TEARDOWN.format(out=str(tmp_path)))
+    cfg = build_config({"input": "in", "output": "out"})
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+        with connect(cfg) as (client, _, _):
+            pids = set(client.run(os.getpid).values())
+    assert len(pids) == 2
+    assert {p.name for p in tmp_path.iterdir()} - {preload.name} == {str(p) for p in pids}  # each finished
+    assert not any(psutil.pid_exists(p) for p in pids)

@@ -17,6 +17,8 @@ import dask
 from ..config import JobConfig, parse_size
 from ..errors import UserError
 
+# Above the Nanny's own close timeout (driver/nanny.py), so a slow worker is killed, not orphaned.
+CLUSTER_CLOSE_TIMEOUT_S = 90.0
 # UCX on a CPU host runs over TCP; the memtype-cache warning is harmless noise (DESIGN.md).
 UCX_CPU_ENV = {"UCX_TLS": "tcp", "UCX_WARN_UNUSED_ENV_VARS": "n", "UCX_MEMTYPE_CACHE": "n"}
 
@@ -89,7 +91,7 @@ def quiet_dask_logs() -> None:
 def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0, security=None) -> dict:
     """One Nanny (a separate worker process) per worker, its role given as a resource at start.
     With GPUs, each worker gets its own GPU (dask-cuda style), shared round-robin if fewer."""
-    from distributed import Nanny
+    from .nanny import JobNanny
 
     roles = [("prefill", i) for i in range(cfg.prefill_workers)] + \
             [("decode", i) for i in range(cfg.decode_workers)]
@@ -113,7 +115,7 @@ def worker_specs(cfg: JobConfig, protocol: str, threads: int, gpus: int = 0, sec
             options.update(extra)
         if security is not None:
             options["security"] = security
-        specs[f"{role}-{i}"] = {"cls": Nanny, "options": options}
+        specs[f"{role}-{i}"] = {"cls": JobNanny, "options": options}
     return specs
 
 
@@ -263,7 +265,8 @@ def connect(cfg: JobConfig):
                 client.close()
         finally:
             try:
-                cluster.close(timeout=30)
+                cluster.close(timeout=CLUSTER_CLOSE_TIMEOUT_S)
             except TimeoutError:  # the job's outcome stands; the workers are this process's children
                 logging.getLogger("pdbatch").warning(
-                    "the local cluster took over 30 s to shut down; its worker processes end with this one")
+                    "the local cluster took over %.0f s to shut down; its worker processes end with this one",
+                    CLUSTER_CLOSE_TIMEOUT_S)

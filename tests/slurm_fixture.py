@@ -21,7 +21,8 @@ Facts worth knowing (Debian 12, slurm-wlm 22.05.8, munge 0.5.15):
   from ``scontrol show job`` (``MinJobAge`` keeps finished jobs for an hour) with the
   ``jobcomp/filetxt`` log (``cluster.jobcomp_log``) as a fallback.
 - The node is the real short hostname, addressed as 127.0.0.1. SelectTypeParameters=CR_CPU:
-  CPUs are the consumable (a 2-core machine runs two 1-CPU jobs at once); memory is not.
+  CPUs are the consumable; memory is not. The partition has OverSubscribe=FORCE:4: up to four
+  jobs share each CPU, so the tests' jobs (2 CPUs each) run side by side instead of in turn.
 - ``srun`` steps inside a batch job: a step without ``--exact`` takes the whole allocation,
   so long-running concurrent steps (a dask scheduler plus workers) wait on each other
   ("Requested nodes are busy") unless each uses ``--overlap``, or ``--exact`` with enough
@@ -266,7 +267,7 @@ SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
 NodeName={self.nodename} NodeAddr=127.0.0.1 {hw} State=UNKNOWN
-PartitionName=debug Nodes={self.nodename} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={self.nodename} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
 
     def _wait_idle(self, timeout: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import vllm_cache
 from pipeline_helpers import run_cli, run_clis
 
 from pdbatch.bench.compare import mismatches
@@ -34,6 +35,7 @@ def bench_runs(tmp_path_factory):
     jobs = {"builtin": ["bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out",
                         tmp / "builtin", "--systems", ",".join(SYSTEMS_BUT_VLLM)]}
     if vllm_available():
+        vllm_cache.wait_warm()
         # eager on both sides: seconds of start-up instead of a torch.compile per engine
         jobs["vllm"] = ["bench", "--workload", "tiny-test", *TINY, "--engine", "vllm", "--systems", "colocated,vllm",
                         "--enforce-eager", "--out", tmp / "vllm"]
@@ -106,6 +108,7 @@ def test_plan_cli_recommends_a_ratio(tmp_path):
     from pdbatch.engines.vllm.settings import vllm_available
 
     engines = ["builtin"] + (["vllm"] if vllm_available() else [])
+    vllm_cache.wait_warm()
     jobs = [["plan", *TINY, "--workers", "3", "--sample-rows", "4", "--engine", e, "--enforce-eager",
              "--json", tmp_path / f"{e}.json"] for e in engines]
     if vllm_available():  # all layers sliding-window: vLLM refuses to move its KV once the engine is built

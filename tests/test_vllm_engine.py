@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import vllm_cache
 from distributed.protocol import deserialize_bytes, serialize_bytes
 from fixtures_models import hf_greedy, random_prompts
 
@@ -40,7 +41,7 @@ OPTIONS = dict(dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=1
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def engines(request, tmp_path_factory):
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    vllm_cache.wait_warm()
     path = str(BUILDERS[request.param](tmp_path_factory.mktemp("models") / request.param))
     a = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "a")  # through the seam, as a worker does
     b = create_engine("vllm", {"model": path, **OPTIONS}, BOTH, "b")

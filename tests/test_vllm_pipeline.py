@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+import vllm_cache
 from pipeline_helpers import (DEFAULT_MODEL, SAMPLE, assert_sample_matches_hf, read_report, read_rows, run_clis,
                               text_reference)
 
@@ -25,8 +26,10 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return {"VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache"))}
+def env():
+    """The jobs' extra environment: none; they share the session's vLLM cache (vllm_cache.py)."""
+    vllm_cache.wait_warm()
+    return {}
 
 
 # The three jobs of this file's job tests, run side by side (start-up, mostly single-threaded,

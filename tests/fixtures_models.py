@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdbatch.engines.builtin.model import load_model
-from pdbatch.toymodels import build_gpt2, build_llama
+from pdbatch.toymodels import build_family, build_gpt2, build_llama
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +77,15 @@ def _hf_greedy(path, dtype, prompt_ids: tuple, max_new_tokens: int, pad: int | N
             if t in eos:
                 return tuple(gen[:i + 1])
     return tuple(gen)
+
+
+def longrope_model(path) -> str:
+    """Phi-3 long-context rope: every position's rotation switches once the pass holds a row
+    longer than original_max_position_embeddings (64 here, the context is 512), so the built-in
+    engine refuses it unless --max-model-len 64; vLLM runs it (head_dim 64: its CPU attention's)."""
+    return str(build_family(path, "phi3", seed=0, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            original_max_position_embeddings=64,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "short_factor": [1.0] * 32, "long_factor": [2.0] * 32,
+                                             "original_max_position_embeddings": 64}))

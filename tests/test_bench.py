@@ -7,6 +7,7 @@ import json
 
 import pytest
 import vllm_cache
+from fixtures_models import longrope_model
 from pipeline_helpers import run_cli, run_clis
 
 from pdbatch.bench.compare import mismatches
@@ -111,14 +112,25 @@ def test_plan_cli_recommends_a_ratio(tmp_path):
     vllm_cache.wait_warm()
     jobs = [["plan", *TINY, "--workers", "3", "--sample-rows", "4", "--engine", e, "--enforce-eager",
              "--json", tmp_path / f"{e}.json"] for e in engines]
+    # a model the built-in engine refuses (its message suggests --engine vllm): the workload is
+    # built without the weights, and the refusal is the calibrated engine's own
+    longrope = longrope_model(tmp_path / "longrope")
+    jobs.append(["plan", *TINY, "--sample-rows", "4", "--model", longrope])
     if vllm_available():  # all layers sliding-window: vLLM refuses to move its KV once the engine is built
         swa = build_qwen2(tmp_path / "swa", seed=0, use_sliding_window=True, sliding_window=64, max_window_layers=0)
         jobs.append(["plan", *TINY, "--sample-rows", "4", "--engine", "vllm", "--enforce-eager", "--model", swa])
+        jobs.append(["plan", *TINY, "--sample-rows", "4", "--engine", "vllm", "--enforce-eager", "--model", longrope])
     runs = run_clis(*jobs, timeout=300)
     if vllm_available():
+        runs_longrope = runs.pop()
+        assert runs_longrope.returncode == 0, runs_longrope.stderr
+        assert "recommended: --prefill-workers" in runs_longrope.stdout
         refused = runs.pop()
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
         assert refused.stderr.strip().splitlines()[-1].startswith("pdbatch: error: --engine vllm cannot move KV")
+    builtin_refused = runs.pop()
+    assert builtin_refused.returncode == 2 and "Traceback" not in builtin_refused.stderr, builtin_refused.stderr
+    assert "the built-in engine cannot run" in builtin_refused.stderr.strip().splitlines()[-1]
     for engine, r in zip(engines, runs):
         assert r.returncode == 0, r.stderr + r.stdout
         assert "recommended: --prefill-workers" in r.stdout and f"engine {engine}" in r.stdout

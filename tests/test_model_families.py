@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures_models import hf_greedy, random_prompts
+from fixtures_models import hf_greedy, longrope_model, random_prompts
 from model_families import FAMILIES
 from pipeline_helpers import read_report, read_rows, run_cli, run_clis
 
@@ -70,19 +70,8 @@ def test_sliding_window_packets_carry_full_kv(family_dir):
     assert all(torch.equal(a.kv, b.kv) for a, b in zip(packets, back))
 
 
-def _refused_model(tmp_path) -> str:
-    """Phi-3 long-context rope: every position's rotation switches once the pass holds a row
-    longer than original_max_position_embeddings (64 here, the context is 512)."""
-    return str(build_family(tmp_path / "longrope", "phi3", seed=0, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                            original_max_position_embeddings=64,
-                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                             "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                                             "original_max_position_embeddings": 64}))
-
-
 def test_unsupported_model_is_refused_in_one_line(tmp_path):
-    model = _refused_model(tmp_path)
+    model = longrope_model(tmp_path / "longrope")
     with pytest.raises(UserError, match="--max-model-len 64"):
         load_model(model, dtype="float32", device="cpu")
     load_model(model, dtype="float32", device="cpu", max_model_len=64)  # below the switch: exact, accepted

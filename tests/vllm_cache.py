@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")  # pdbatch.toymodels' vLLM families
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")  # the models the vLLM tests build
 DONE = ".warm-done"
 WARM = f"""
 try:

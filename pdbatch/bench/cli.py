@@ -118,16 +118,17 @@ def plan(workload, rows, prompt_len, output_len, prefix_share, seed, model, max_
     from pdbatch.bench.workloads import make_workload, token_pool
     from pdbatch.config import build_config
     from pdbatch.engines import ENGINES, engine_class
-    from pdbatch.engines.builtin.model import load_model
+    from pdbatch.engines.model_dir import context_length, load_config_and_tokenizer, vocab_size
 
     if engine not in ENGINES:
         raise click.BadParameter(f"must be one of {', '.join(ENGINES)}, got {engine!r}", param_hint="--engine")
     spec = _spec(workload, rows, prompt_len, output_len, prefix_share, seed)
     label, path = resolve_model(model)
-    lm = load_model(path, dtype=dtype, device=device)  # the workload's token pool and context limit
-    spec.check_fits(lm.max_model_len)
-    work = make_workload(spec, token_pool(lm.tokenizer, lm.model.get_input_embeddings().num_embeddings))
-    del lm
+    # the workload needs the vocabulary and the context, not the weights: the engine being
+    # calibrated loads those (and says itself whether it can run the model)
+    config, tokenizer = load_config_and_tokenizer(path)
+    spec.check_fits(context_length(config))
+    work = make_workload(spec, token_pool(tokenizer, vocab_size(config)))
     workers = workers or default_workers(threads_per_worker)
     job = build_config({"input": "-", "output": "-", "model": path, "engine": engine, "dtype": dtype, "device": device,
                         "max_num_seqs": max_num_seqs, "max_batch_tokens": max_batch_tokens, "kv_budget": kv_budget,

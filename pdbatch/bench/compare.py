@@ -89,7 +89,8 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
     label, path = resolve_model(o.model)
     threads = o.threads()
     baseline_threads = o.baseline_threads or threads * o.workers  # every core the pdbatch workers share
-    lm = load_model(path, dtype=o.dtype, device=o.device, tuned=False)  # for the HF baselines
+    # for the HF baselines; a model the built-in engine refuses is the pdbatch systems' to refuse
+    lm = load_model(path, dtype=o.dtype, device=o.device, tuned=False, builtin_exact=o.engine == "builtin")
     o.max_batch_tokens = o.max_batch_tokens or default_max_batch_tokens(lm.device)  # every system's
     o.spec.check_fits(lm.max_model_len)
     work = make_workload(o.spec, token_pool(lm.tokenizer, lm.model.get_input_embeddings().num_embeddings))

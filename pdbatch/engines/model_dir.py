@@ -75,3 +75,34 @@ def model_fingerprint(path: str | os.PathLike) -> str:
                 fh.seek(max(size - 65536, 65536))
                 h.update(fh.read(65536))
     return h.hexdigest()[:16]
+
+
+def load_config_and_tokenizer(path: str | os.PathLike):
+    """(config, tokenizer) of a checked model directory, without its weights: what a workload
+    needs (vocabulary, context) from any model, whichever engine will run it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = check_model_dir(path)
+    try:
+        return (AutoConfig.from_pretrained(p, local_files_only=True),
+                AutoTokenizer.from_pretrained(p, local_files_only=True))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot load model config/tokenizer from {path}: {first_line(e)}") from e
+
+
+def context_length(config, max_model_len: int | None = None) -> int:
+    """The model's context window, capped at --max-model-len when given; `config` is a
+    transformers config or config.json as a dict."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    ctx = get("max_position_embeddings") or get("n_positions") or 2048
+    return int(min(ctx, max_model_len) if max_model_len else ctx)
+
+
+def vocab_size(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UserError
-from ..model_dir import check_model_dir, model_fingerprint, resolve_device, resolve_dtype
+from ..model_dir import (check_model_dir, context_length, first_line, load_config_and_tokenizer, model_fingerprint,
+                         resolve_device, resolve_dtype)
 from . import support
 
 
@@ -28,10 +29,11 @@ class LoadedModel:
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
-               max_model_len: int | None = None, tuned: bool = True) -> LoadedModel:
+               max_model_len: int | None = None, tuned: bool = True, builtin_exact: bool = True) -> LoadedModel:
     """`tuned=False` gives the model exactly as transformers loads it (for the Hugging Face
-    baselines and references that pdbatch is compared with)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    baselines and references that pdbatch is compared with); `builtin_exact=False` loads a
+    model the built-in engine refuses (support.refusal) too, for baselines beside another engine."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in job logs
@@ -39,28 +41,22 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None,
     p = check_model_dir(path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    try:
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot load model config/tokenizer from {path}: {_first_line(e)}") from e
-    _check_config(path, config, max_model_len)
+    config, tokenizer = load_config_and_tokenizer(p)
+    if builtin_exact:
+        _check_config(path, config, max_model_len)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=torch_dtype, local_files_only=True, attn_implementation=support.attn_implementation(config))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot load model weights from {path}: {_first_line(e)}") from e
+        raise UserError(f"cannot load model weights from {path}: {first_line(e)}") from e
     model.to(dev).eval()
     model.requires_grad_(False)
     shape = support.probe_kv_shape(model)
     if tuned and dev.type == "cpu":
         tune_for_cpu(model)
 
-    ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    if max_model_len:
-        ctx = min(ctx, max_model_len)
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(p),
-                       path=str(p), device=dev, dtype=torch_dtype, max_model_len=int(ctx),
+                       path=str(p), device=dev, dtype=torch_dtype, max_model_len=context_length(config, max_model_len),
                        eos_token_ids=_eos_ids(model, tokenizer), kv_shape=shape)
 
 
@@ -80,7 +76,7 @@ def check_supported(path: str, max_model_len: int | None = None) -> None:
     try:
         config = AutoConfig.from_pretrained(check_model_dir(path), local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot load model config from {path}: {_first_line(e)}") from e
+        raise UserError(f"cannot load model config from {path}: {first_line(e)}") from e
     finally:
         hf_logging.set_verbosity(level)
     _check_config(path, config, max_model_len)
@@ -126,8 +122,3 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from ...errors import UserError
-from ..model_dir import check_model_dir
+from ..model_dir import check_model_dir, context_length
 
 # Process environment vLLM must see in a pdbatch worker. In-process engine core: the KV
 # connector's scheduler and worker sides and VLLMEngine share module state (connector.py).
@@ -63,8 +63,7 @@ def check_model(model: str, device: str = "cpu") -> None:
 
 def model_context(model: str) -> int:
     """The model's own context window, as the built-in engine reads it."""
-    cfg = _config(model)
-    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    return context_length(_config(model))
 
 
 def resolve_device(device: str | None) -> str:

@@ -383,16 +383,20 @@ def test_kv_budget_long_prompts_small_budget(tmp_path, tiny):
     r = report(out)
     # no worker was restarted for memory; on failure, the driver's log says why units were redone
     assert r["protocol"] == "tls" and r["unit_retries"] == 0, driver.stderr[-4000:]
-    dec = r["worker_memory"]["decode-0"]
-    assert dec["kv_budget_bytes"] == budget
+    # with rebalancing either worker may decode (its engine has both phases): every worker has
+    # the budget and stays in it, and a worker that decoded a 4-row unit held two rows at once
+    mem = r["worker_memory"]
+    assert {m["kv_budget_bytes"] for m in mem.values()} == {budget}
     longest = max(len(tiny.tokenizer(p)["input_ids"]) for p in prompts) + 8
-    assert 2 * longest * per_token <= dec["kv_pool_peak_bytes"] <= budget  # used, never exceeded
+    assert all(m["kv_pool_peak_bytes"] <= budget for m in mem.values()), mem  # never exceeded
+    decoders = [name for name, n in r["rows_by_decode_worker"].items() if n]
+    assert decoders and all(mem[name]["kv_pool_peak_bytes"] >= 2 * longest * per_token for name in decoders), mem
     rss = {name: max(m["peak_rss_bytes"], sampler.peak.get(m["pid"], 0)) for name, m in r["worker_memory"].items()}
     assert max(rss.values()) < 2 * 2**30
     ips = {ip for _, ip, _ in sampler.listening}
     assert ips == {"127.0.0.1"}, sampler.listening  # the embedded cluster listens on loopback only
     record("long prompts, small KV budget", kv_budget_mib=round(budget / 2**20, 1),
-           kv_pool_peak_mib=round(dec["kv_pool_peak_bytes"] / 2**20, 2),
+           kv_pool_peak_mib={name: round(m["kv_pool_peak_bytes"] / 2**20, 2) for name, m in mem.items()},
            decode_peak_rss_mib=round(rss["decode-0"] / 2**20), prefill_peak_rss_mib=round(rss["prefill-0"] / 2**20),
            driver_peak_rss_mib=round(sampler.peak.get(driver.proc.pid, 0) / 2**20),
            listening=sorted(sampler.listening))

@@ -237,6 +237,22 @@ def test_bench_stops_when_outputs_differ(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_bench_baselines_run_a_model_the_builtin_engine_refuses(tmp_path, capsys):
+    """On --engine vllm the built-in engine's refusal is not the bench's to give: its Hugging
+    Face baselines load the model as transformers does; on the built-in engine it refuses."""
+    from pdbatch.cli import main
+
+    model = longrope_model(tmp_path / "longrope")
+    args = ["bench", *TINY, "--model", model, "--systems", "hf_generate,generate_batch", "--baseline-threads", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--engine", "vllm", "--out", str(tmp_path / "vllm")])
+    assert e.value.code == 0, capsys.readouterr()
+    assert (tmp_path / "vllm" / "bench.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "builtin")])
+    assert e.value.code == 2 and "the built-in engine cannot run" in capsys.readouterr().err
+
+
 def test_engine_benchmark_compares_outputs_and_times_decode_steps(tmp_path, llama_dir):
     """The engine benchmark end to end on the tiny model: pdbatch's greedy outputs equal
     Hugging Face generate's, and every (batch, context) decode step is timed against the GEMM

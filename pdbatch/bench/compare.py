@@ -85,6 +85,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
 
     from pdbatch.engines.builtin.model import load_model
     from pdbatch.engines.builtin.prefill import default_max_batch_tokens
+    from pdbatch.engines.model_dir import vocab_size
 
     label, path = resolve_model(o.model)
     threads = o.threads()
@@ -93,7 +94,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
     lm = load_model(path, dtype=o.dtype, device=o.device, tuned=False, builtin_exact=o.engine == "builtin")
     o.max_batch_tokens = o.max_batch_tokens or default_max_batch_tokens(lm.device)  # every system's
     o.spec.check_fits(lm.max_model_len)
-    work = make_workload(o.spec, token_pool(lm.tokenizer, lm.model.get_input_embeddings().num_embeddings))
+    work = make_workload(o.spec, token_pool(lm.tokenizer, vocab_size(lm.model.config)))  # as `pdbatch plan` does
     os.makedirs(o.out, exist_ok=True)
     input_path = write_input(work, os.path.join(o.out, "workload.parquet"))
     warm_path = write_input(warmup_workload(work, 2 * o.workers), os.path.join(o.out, "warmup.parquet"))

@@ -9,10 +9,12 @@ import sys
 import time
 
 import pytest
+import torch
 from distributed.protocol import deserialize_bytes, serialize_bytes
 from fixtures_models import hf_greedy, random_prompts
 
 from pdbatch.engines.builtin.decode import DecodeEngine, generate, kv_shape
+from pdbatch.engines.builtin.kv_cache import SlotKVCache
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.engines.builtin.prefill import PrefillEngine, length_buckets
 from pdbatch.engines.request import Request
@@ -81,6 +83,27 @@ def test_disaggregated_engines_match_hf_with_arrivals_mid_decode(family, request
         engine.close()
     outs = [next(decoded) if isinstance(p, KVPacket) else p for p in results]
     assert_matches_hf(lm, reqs, outs)
+
+
+def test_what_a_fresh_kv_pool_held_never_reaches_a_row(llama, monkeypatch):
+    """The decode pool is allocated without zero-filling (kv_cache.py: the page faults stalled
+    the loop). Whatever the allocation left there must never reach an output: with NaN in
+    every fresh pool, rows of different lengths decoding together (a batch's attention reads
+    each row up to the longest, masked), growing the pool and reusing freed slots, still equal
+    HF generate."""
+    monkeypatch.setattr(SlotKVCache, "_uninitialised", staticmethod(
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)))
+    reqs = greedy_requests(llama, seed=3)
+    results = PrefillEngine(llama, max_batch_tokens=2048).run(reqs)
+    packets = [p for p in results if isinstance(p, KVPacket)]
+    engine = DecodeEngine(llama, max_num_seqs=24)  # fewer slots than rows: slots are reused
+    try:
+        decoded = iter(submit_in_two_waves(engine, packets, engine.submit))
+        grown = engine.cache.slots
+    finally:
+        engine.close()
+    assert grown > 1
+    assert_matches_hf(llama, reqs, [next(decoded) if isinstance(p, KVPacket) else p for p in results])
 
 
 def test_a_long_row_after_a_wide_pool_of_short_ones_is_decoded(llama):

@@ -17,6 +17,7 @@ import torch
 from fixtures_models import hf_greedy
 from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis
 
+from pdbatch.driver.decode_progress import DecodeProgress
 from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
@@ -330,6 +331,7 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     pipe.workers = {"p": {"status": "running"}, "d": {"status": "running"}}
     pipe.names = {"p": "prefill-0", "d": "decode-0"}
     pipe.budgets, pipe.decode_kv = {"p": 1 << 30, "d": 1 << 30}, {}
+    pipe.decode_progress = DecodeProgress()
     last = unit("u7", 900, "wait-room")
     pipe.inflight = {"u0": unit("u0", 1000, "decode", "p"), "u1": unit("u1", 1000, "decode", "p"),
                      "u2": unit("u2", 700, "decode", "d"), "u3": unit("u3", 800, "decode", "d"), "u7": last}
@@ -341,3 +343,27 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     # a third worker, prefilling now, could change role: the shares are thirds, both are above
     pipe.workers["x"] = {"status": "running"}
     assert pipe._pick_decoder(last, ["p", "d"]) is None
+    # p has generated 1200 of its 2000 tokens (its heartbeat): 800 left, the least of the
+    # workers, and below a third of what is left (800 + 1500 + 900)
+    pipe.decode_progress.heartbeat("p", 0)
+    pipe.decode_progress.heartbeat("p", 1200)
+    assert pipe._pick_decoder(last, ["p", "d"]) == "p"
+
+
+def test_decode_work_left_counts_what_a_worker_already_generated():
+    """Fair shares count the decode work a worker has left (decode_progress.py): routed and not
+    yet written, less the tokens its engine generated for those units."""
+    p = DecodeProgress()
+    p.heartbeat("a", 500)  # an engine that served an earlier job: counted from the first beat
+    assert p.left("a", 1000) == 1000
+    p.heartbeat("a", 900)
+    assert p.left("a", 1000) == 600
+    # a unit of 4 rows (work 120) is written with 100 tokens, 96 of them from decode steps (each
+    # row's first came from prefill); 880 routed work stays open, 304 of it generated
+    p.unit_written("a", {"rows": 4, "errors": 0, "output_tokens": 100})
+    assert p.left("a", 880) == 576
+    # the heartbeat lags the write: never less progress than none, never less work than none
+    p.unit_written("a", {"rows": 2, "errors": 1, "output_tokens": 400})
+    assert p.left("a", 700) == 700 and p.left("a", 0) == 0
+    p.heartbeat("b", 10**6)
+    assert p.left("b", 50) == 50 and p.left("never-seen", 50) == 50

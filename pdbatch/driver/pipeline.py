@@ -39,6 +39,7 @@ from ..config import JobConfig
 from ..io.dataset import ROW_ID, InputPlan, WorkUnit, read_unit
 from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
+from .decode_progress import DecodeProgress
 from .pacing import HEARTBEAT_LAG_S, DecodeRate, DecodeSlots, may_prefill
 from .quarantine import Quarantine, Suspect
 from .roles import PREFILL_DEPTH, Roles, View
@@ -104,6 +105,7 @@ class Pipeline:
         self.engine_rows: dict[str, int] = {}  # rows in each decode engine at its last heartbeat
         self.paced: set[str] = set()  # units that waited for decode slots before prefill (pacing.py)
         self.decode_rate = DecodeRate()
+        self.decode_progress = DecodeProgress()  # decode work left per worker, for fair shares
         self.names: dict[str, str] = {}  # address -> worker name, kept after the worker left (logs)
         self.quarantine = Quarantine()
         self.retries = 0
@@ -142,6 +144,9 @@ class Pipeline:
         metrics = {a: (w.get("metrics") or {}).get("pdbatch") or {} for a, w in info.items()}
         self.engine_rows = {a: int(m.get("decode_active", 0)) + int(m.get("decode_waiting", 0))
                             for a, m in metrics.items() if "decode_active" in m}
+        for a, m in metrics.items():
+            if "decode_tokens" in m:
+                self.decode_progress.heartbeat(a, int(m["decode_tokens"]))
         self.roles.sync(self.workers)
         new = [a for a in self.workers if a not in self.budgets]
         if new:
@@ -267,22 +272,25 @@ class Pipeline:
 
     def _pick_decoder(self, u: _Unit, pool) -> str | None:
         """Rebalancing: the unit's own prefill worker if it decodes now (its KV is there), else
-        the least-loaded decode worker, either below its fair share of the decode work (tokens the
-        rows decoding or waiting for a decoder may generate, over every worker that could
-        decode: output lengths differ more than row counts), so that work stays on
+        the least-loaded decode worker, either below its fair share of the decode work (tokens left
+        to generate by the rows decoding or waiting for a decoder, decode_progress.py, over every
+        worker that could decode: output lengths differ more than row counts), so that work stays on
         the driver for a worker that changes role. Within max_num_seqs and the KV budget; a
         worker with nothing to decode always takes a unit (a small budget never stalls the job)."""
-        units, rows, work = self._decode_units(pool)
-        stage = sum(x.work for x in self.inflight.values()
-                    if x is u or x.phase in ("decode", "wait-room", "wait-decode"))
-        share = -(-stage // max(1, len(self.live_workers())))
+        units, rows, _ = self._decode_units(pool)
+        live = self.live_workers()
+        # what each worker has left to decode, not what was routed to it (decode_progress.py)
+        work = {a: self.decode_progress.left(a, w) for a, w in self._decode_units(live)[2].items()}
+        stage = sum(work.values()) + sum(x.work for x in self.inflight.values()
+                                         if x is u or x.phase in ("wait-room", "wait-decode"))
+        share = -(-stage // max(1, len(live)))
         n = u.rows.num_rows
 
         # below its share before this unit: when every worker decodes, some worker is, so no unit
         # waits (were the share checked after it, a unit longer than what is left of every share
         # waited for a whole unit to finish, then decoded alone: measured, 28 s for 4 rows)
         def fits(a, cap):
-            return not units[a] or (work[a] < cap and rows[a] + n <= self.cfg.max_num_seqs
+            return not units[a] or (work.get(a, 0) < cap and rows[a] + n <= self.cfg.max_num_seqs
                                     and self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0))
 
         if u.prefill_worker in units and fits(u.prefill_worker, share):
@@ -290,7 +298,7 @@ class Pipeline:
         room = [a for a in pool if fits(a, share)]
         if not room:
             return None
-        return min(room, key=lambda a: (work[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
+        return min(room, key=lambda a: (work.get(a, 0), self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
                                         self.names.get(a, a)))
 
     def _rebalance(self) -> None:
@@ -541,6 +549,7 @@ class Pipeline:
                 self.watchdog.progress()
                 self.roles.unit_decoded(time.time() - u.decode_started)
                 self.decode_rate.unit_written(u.rows.num_rows, time.time())
+                self.decode_progress.unit_written(u.decode_worker, summary)
                 self._record(summary)
                 self._release(u)
                 del self.inflight[u.unit.unit_id]

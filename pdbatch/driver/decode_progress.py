@@ -26,11 +26,9 @@ class DecodeProgress:
     def heartbeat(self, addr: str, decode_tokens: int) -> None:
         self.generated[addr] = decode_tokens - self.first.setdefault(addr, decode_tokens)
 
-    def unit_written(self, addr: str | None, summary: dict) -> None:
+    def unit_written(self, addr: str, summary: dict) -> None:
         """A unit decoded on `addr` is written: its decode tokens (each ok row's first token came
         from prefill) are no longer part of that worker's progress on open units."""
-        if addr is None:
-            return
         ok_rows = summary.get("rows", 0) - summary.get("errors", 0)
         self.written[addr] = self.written.get(addr, 0) + max(0, summary.get("output_tokens", 0) - ok_rows)
 

@@ -277,10 +277,10 @@ class Pipeline:
         worker that could decode: output lengths differ more than row counts), so that work stays on
         the driver for a worker that changes role. Within max_num_seqs and the KV budget; a
         worker with nothing to decode always takes a unit (a small budget never stalls the job)."""
-        units, rows, _ = self._decode_units(pool)
-        live = self.live_workers()
+        live = self.live_workers()  # pool is a subset: one count serves the shares and the picks
+        units, rows, routed = self._decode_units(live)
         # what each worker has left to decode, not what was routed to it (decode_progress.py)
-        work = {a: self.decode_progress.left(a, w) for a, w in self._decode_units(live)[2].items()}
+        work = {a: self.decode_progress.left(a, w) for a, w in routed.items()}
         stage = sum(work.values()) + sum(x.work for x in self.inflight.values()
                                          if x is u or x.phase in ("wait-room", "wait-decode"))
         share = -(-stage // max(1, len(live)))
@@ -290,15 +290,15 @@ class Pipeline:
         # waits (were the share checked after it, a unit longer than what is left of every share
         # waited for a whole unit to finish, then decoded alone: measured, 28 s for 4 rows)
         def fits(a, cap):
-            return not units[a] or (work.get(a, 0) < cap and rows[a] + n <= self.cfg.max_num_seqs
+            return not units[a] or (work[a] < cap and rows[a] + n <= self.cfg.max_num_seqs
                                     and self.decode_kv.get(a, 0) + u.kv_bytes <= self.budgets.get(a, 0))
 
-        if u.prefill_worker in units and fits(u.prefill_worker, share):
+        if u.prefill_worker in pool and fits(u.prefill_worker, share):
             return u.prefill_worker
         room = [a for a in pool if fits(a, share)]
         if not room:
             return None
-        return min(room, key=lambda a: (work.get(a, 0), self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
+        return min(room, key=lambda a: (work[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
                                         self.names.get(a, a)))
 
     def _rebalance(self) -> None:

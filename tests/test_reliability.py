@@ -143,18 +143,23 @@ def test_prefill_worker_killed_after_its_kv_was_pulled(tmp_path, tiny):
         driver = Driver("run", tmp_path / "in.parquet", "-o", out, "--scheduler-file", cluster.scheduler_file,
                         "--max-new-tokens", new, "--ignore-eos", "--unit-rows", 2, "--max-inflight-units", 8,
                         "--progress", "none", "--no-rebalance")
-        expected = expected_for(tiny, prompts, n=new)  # while the driver starts
         with cluster.client() as client:
             addrs = wait_for(lambda: len(_addresses(client)) == 2 and _addresses(client), 120, "workers")
             pulled = {addrs["prefill-a"], addrs["decode-a"]}
 
             def decoding_pulled_kv():  # prefill results decode-a fetched and still decodes from
-                return [k for k, who in client.who_has().items()
+                held = [k for k, who in client.who_has().items()
                         if str(k).startswith("prefill-") and set(who) == pulled]
+                return len(held) >= 4 and held
 
+            # several units decoding side by side: each has longer to go than the driver takes to
+            # see the loss (one unit decoding alone once finished before that)
             wait_for(decoding_pulled_kv, 120, "decode-a to decode pulled KV", every=0.01)
             cluster.kill("prefill-a")
         cluster.open_gate()
+        # the reference only now: computed while the driver started, it outlasted the whole job
+        # once (so no KV was ever seen pulled), and a late kill finds every pulled unit written
+        expected = expected_for(tiny, prompts, n=new)
         assert driver.finish() == 0, driver.stderr
         rows = assert_complete_and_correct(out, prompts, expected, units=12)
         r = report(out)

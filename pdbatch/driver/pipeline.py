@@ -473,13 +473,16 @@ class Pipeline:
             gone = [w for w in (u.prefill_worker, u.decode_worker) if w and w not in self.workers]
             if not gone or not u.futures or (u.futures.get("write") and u.futures["write"].done()):
                 continue
-            if gone == [u.prefill_worker] and self._kv_pulled(u):
-                u.prefill_worker = None  # nothing of the unit is left on it
-                self.units_kept += 1
-                continue
             w = gone[0]
             if w not in reasons:
                 reasons[w] = self._departure(w)
+            if gone == [u.prefill_worker] and self._kv_pulled(u):
+                log.warning("unit %s: prefill worker %s (%s) left%s; its decode worker had pulled the "
+                            "unit's KV, so the decode goes on", u.unit.unit_id, self.names.get(w, "?"), w,
+                            reasons[w])
+                u.prefill_worker = None  # nothing of the unit is left on it
+                self.units_kept += 1
+                continue
             self._retry(u, f"worker {self.names.get(w, '?')} ({w}) left{reasons[w]}")
 
     def _kv_pulled(self, u: _Unit) -> bool:

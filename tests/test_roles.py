@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_ro
 
 from pdbatch.driver.decode_progress import DecodeProgress
 from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
+from pdbatch.driver.pipeline import submit_on
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.monitoring.dashboard_page import roles_html
@@ -367,3 +369,45 @@ def test_decode_work_left_counts_what_a_worker_already_generated():
     assert p.left("a", 700) == 700 and p.left("a", 0) == 0
     p.heartbeat("b", 10**6)
     assert p.left("b", 50) == 50 and p.left("never-seen", 50) == 50
+
+
+def _hold(event: str) -> float:
+    """A running prefill stand-in: holds the worker's one thread until the test lets it go."""
+    from distributed import Event
+
+    assert Event(event).wait(60)
+    return time.time()
+
+
+def _ran_at() -> float:
+    return time.time()
+
+
+def test_a_decode_runs_before_the_prefill_queued_behind_the_running_one():
+    """A worker running one prefill with a second one queued (a decoder lent to prefill, called
+    back to decode) runs a decode task handed to it next, not after both prefills: its rows
+    already have their first token out. A real Dask worker with one thread, the driver's
+    submit_on."""
+    from distributed import Client, Event, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        worker = cluster.workers[0]
+        gate = Event("gate", client=client)
+
+        def wait_states(**states):
+            deadline = time.time() + 30
+            while not all(k in worker.state.tasks and worker.state.tasks[k].state == v for k, v in states.items()):
+                assert time.time() < deadline, {k: t.state for k, t in worker.state.tasks.items()}
+                time.sleep(0.01)
+
+        running = submit_on(client, worker.address, "prefill", "prefill-running", _hold, "gate")
+        queued = submit_on(client, worker.address, "prefill", "prefill-queued", _ran_at)
+        wait_states(**{"prefill-running": "executing", "prefill-queued": "ready"})
+        # later than the scheduler's fifo-timeout (60 ms), as a decode comes seconds after the
+        # prefills in a job: Dask then runs tasks of equal priority in the order they came
+        time.sleep(0.2)
+        decode = submit_on(client, worker.address, "decode", "decode-0", _ran_at)
+        wait_states(**{"decode-0": "ready"})
+        gate.set()
+        assert running.result() <= decode.result() < queued.result()

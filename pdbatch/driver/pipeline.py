@@ -17,6 +17,7 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   already has two units and its budget's worth of packets routed to it, the unit waits with its
   KV on its prefill worker: a decode worker holds its KV pool plus at most max(one budget, two
   units) of packets, whatever the window;
+- on a worker, a ready decode or write task runs before a ready prefill (PHASE_PRIORITY);
 - the worker list is re-read continuously, so workers that join mid-job take work and workers
   that leave are no longer chosen;
 - a unit whose task failed or whose prefill/decode worker left is started again from its
@@ -51,6 +52,21 @@ log = logging.getLogger("pdbatch")
 
 MAX_FAILURES_REPORTED = 100  # failed attempts listed in report.json (the log has them all)
 RESULT_TIMEOUT_S = 60.0  # fetching a finished task's small result; longer means its holder died
+
+
+# Among the tasks ready on one worker, a decode (and its write) runs before a prefill, as a
+# serving engine schedules its running requests before its waiting ones: its rows already have
+# their first token out, and their TPOT counts every second they wait. A worker that took prefill
+# units and is then called back to decode starts its decode after the prefill it is running,
+# not after every unit it holds (a decode task only hands its packets to the engine: the next
+# prefill starts at once).
+PHASE_PRIORITY = {"decode": 1, "write": 1}
+
+
+def submit_on(client: Client, worker: str, phase: str, key: str, fn, *args) -> Future:
+    """A unit's task for `phase`, pinned to `worker`, at its phase's priority."""
+    return client.submit(fn, *args, key=key, workers=[worker], allow_other_workers=False, pure=False,
+                         priority=PHASE_PRIORITY.get(phase, 0))
 
 
 class JobFailed(Exception):
@@ -180,8 +196,7 @@ class Pipeline:
         return f"{phase}-{u.unit.unit_id}-{self.token}-{u.attempt}"
 
     def _submit(self, fn, *args, phase: str, u: _Unit, worker: str) -> Future:
-        return self.client.submit(fn, *args, key=self._key(phase, u), workers=[worker],
-                                  allow_other_workers=False, pure=False)
+        return submit_on(self.client, worker, phase, self._key(phase, u), fn, *args)
 
     def submit_unit(self, u: _Unit) -> bool:
         """Start a unit: prefill (disaggregated) or generate (colocated) on the least-busy worker."""

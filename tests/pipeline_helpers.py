@@ -32,6 +32,17 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return out
 
 
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned), failing after `timeout` s."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
 def wait_session_empty(sid: int, timeout: float = 60) -> None:
     """Every process the run started (workers, nannies) must be gone after it exits."""
     deadline = time.time() + timeout

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from pipeline_helpers import (DEFAULT_MODEL, manifest_units, read_rows, run_cli, run_clis, session_processes,
-                              wait_session_empty)
+                              wait_for, wait_session_empty)
 from reliability_helpers import (Driver, PeakRSS, ProcCluster, assert_complete_and_correct, make_tls_files, record,
                                  reference, report)
 
@@ -52,16 +52,6 @@ def expected_for(tiny, prompts, name="in.parquet", n=NEW) -> dict:
 
 def _addresses(client) -> dict[str, str]:
     return {str(w["name"]): a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def unit_of(key) -> str:

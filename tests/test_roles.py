@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis
+from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis, wait_for
 
 from pdbatch.driver.decode_progress import DecodeProgress
 from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
@@ -396,10 +396,8 @@ def test_a_decode_runs_before_the_prefill_queued_behind_the_running_one():
         gate = Event("gate", client=client)
 
         def wait_states(**states):
-            deadline = time.time() + 30
-            while not all(k in worker.state.tasks and worker.state.tasks[k].state == v for k, v in states.items()):
-                assert time.time() < deadline, {k: t.state for k, t in worker.state.tasks.items()}
-                time.sleep(0.01)
+            wait_for(lambda: all(k in worker.state.tasks and worker.state.tasks[k].state == v
+                                 for k, v in states.items()), 30, f"task states {states}", every=0.01)
 
         running = submit_on(client, worker.address, "prefill", "prefill-running", _hold, "gate")
         queued = submit_on(client, worker.address, "prefill", "prefill-queued", _ran_at)

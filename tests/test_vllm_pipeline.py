@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import vllm_cache
 from pipeline_helpers import (DEFAULT_MODEL, SAMPLE, assert_sample_matches_hf, read_report, read_rows, run_clis,
-                              text_reference)
+                              text_reference, wait_for)
 
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.engines.vllm import settings
@@ -141,7 +141,7 @@ def test_vllm_decode_worker_killed_mid_job_its_units_are_redone(tmp_path, tiny, 
     import json
 
     from reliability_helpers import Driver, ProcCluster, assert_complete_and_correct
-    from test_reliability import _addresses, expected_for, make_input, unit_of, wait_for
+    from test_reliability import _addresses, expected_for, make_input, unit_of
 
     from pdbatch.driver.worker import worker_status
 

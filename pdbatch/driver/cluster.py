@@ -61,7 +61,7 @@ def worker_threads(cfg: JobConfig, workers: int) -> int:
 # grew by every unit's rows until 1000 units had passed (measured: +24 MiB over 200k short rows;
 # long prompts make it hundreds). N also bounds the scheduler's transition log and the workers'
 # transfer logs, from which pdbatch reads only the latest transfer's time
-# (tasks._transfer_seconds) and the GPU check a sample of bandwidths; bytes moved come from
+# (early_decode.transfer_seconds) and the GPU check a sample of bandwidths; bytes moved come from
 # running totals (worker.sent_transfer_bytes).
 LOW_LEVEL_LOG_LENGTH = 16
 

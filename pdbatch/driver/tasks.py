@@ -22,7 +22,8 @@ from ..io.output import outputs_to_table, unit_summary, write_shard
 from ..io.prompts import RowError, encode_prompt
 from ..kv.packet import KVPacket, UnitPackets
 from . import faults
-from .worker import current_engine
+from .early_decode import submit_unit, transfer_seconds
+from .worker import current_engine, current_host
 
 
 def build_requests(rows: pa.Table, columns: dict, defaults: SamplingParams, tokenizer,
@@ -110,10 +111,12 @@ def check_serializable(unit: UnitPackets) -> None:
 
 
 def decode_unit(prefilled: list, prefill_key: str) -> list[SequenceOutput]:
-    """Hand the unit's packets to this worker's long-lived decode engine and wait for them."""
-    engine = current_engine()
-    transfer_s = _transfer_seconds(prefill_key)
-    futs = [engine.submit_packet(p, transfer_s) if isinstance(p, KVPacket) else p for p in prefilled]
+    """Hand the unit's packets to this worker's long-lived decode engine, unless they went to it
+    when this task turned ready (early_decode.py), and wait for them."""
+    host, w = current_host(), get_worker()
+    futs = host.early_decode.take(w.get_current_task())
+    if futs is None:
+        futs = submit_unit(host.engine, prefilled, transfer_seconds(w, prefill_key))
     secede()  # waiting is not work: free the thread slot while the engine decodes
     try:
         return [f.result() if not isinstance(f, SequenceOutput) else f for f in futs]
@@ -140,8 +143,3 @@ def write_unit(outputs: list[SequenceOutput], keep: pa.Table | None, out_dir: st
     write_shard(out_dir, unit_id, table)
     return unit_summary(unit_id, outputs, str(get_worker().name))
 
-
-def _transfer_seconds(dep_key: str) -> float:
-    """Seconds this worker spent fetching `dep_key` from another worker (0 if it was local)."""
-    log = get_worker().transfer_incoming_log
-    return sum(e["duration"] for e in log if dep_key in e.get("keys", {}))

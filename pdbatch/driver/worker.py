@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin, get_worker
 
+from .early_decode import EarlyDecode
+
 if TYPE_CHECKING:
     from ..engines import Engine
 
@@ -95,6 +97,8 @@ class EngineHost(WorkerPlugin):
                             max_num_seqs=max_num_seqs, max_model_len=max_model_len, threads=threads,
                             engine=engine, rebalance=rebalance, enforce_eager=enforce_eager)
         self.engine: Engine | None = None
+        self.worker = None  # set in setup, with what cannot be pickled (the plugin travels pickled)
+        self.early_decode: EarlyDecode | None = None
 
     async def setup(self, worker) -> None:
         import asyncio
@@ -104,6 +108,7 @@ class EngineHost(WorkerPlugin):
 
         quiet_worker_logs()
         restore_malloc_thresholds()
+        self.worker, self.early_decode = worker, EarlyDecode()
         o = self.options
         t0 = time.time()
         name = str(worker.name)
@@ -118,6 +123,10 @@ class EngineHost(WorkerPlugin):
         log.info("pdbatch worker %s ready as %s in %.1fs (%s)", name, "+".join(sorted(roles)),
                  time.time() - t0, self.engine)
         install_worker_metrics(worker, self.engine)
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if self.early_decode is not None:  # a decode task turned ready: its decode starts (early_decode.py)
+            self.early_decode.on_transition(self.worker, self.engine, key, finish)
 
     def teardown(self, worker) -> None:
         if self.engine is not None:
@@ -143,13 +152,18 @@ class EngineHost(WorkerPlugin):
         return out
 
 
-def current_engine() -> Engine:
-    """The engine of the worker running the current task."""
+def current_host() -> EngineHost:
+    """The engine host of the worker running the current task, its engine built."""
     w = get_worker()
     plugin = w.plugins.get(PLUGIN_NAME)
     if plugin is None or plugin.engine is None:
         raise RuntimeError(f"worker {w.name} has no pdbatch engine (plugin not registered)")
-    return plugin.engine
+    return plugin
+
+
+def current_engine() -> Engine:
+    """The engine of the worker running the current task."""
+    return current_host().engine
 
 
 def worker_status(dask_worker=None) -> dict:

@@ -275,6 +275,16 @@ def test_someone_prefills_while_units_wait_for_prefill():
     assert roles.role == {"p": "decode", "d": "prefill"}
 
 
+def test_a_decoder_that_prefills_at_low_priority_is_lent_one_unit_when_prefill_is_full():
+    roles, live = _roles()  # p prefills; d and x decode
+    able = {"d"}  # x's engine would slow its decode if it prefilled (a GPU, or vLLM)
+    assert roles.prefill_helpers({"p": 1}, able, live) == []  # a prefill worker has room
+    assert roles.prefill_helpers({"p": PREFILL_DEPTH}, able, live) == ["d"]
+    assert roles.prefill_helpers({"p": PREFILL_DEPTH, "d": 1}, able, live) == []  # one unit at a time
+    assert roles.prefill_helpers({"p": PREFILL_DEPTH}, able, {"p", "x"}) == []  # d left
+    assert roles.role == {"p": "prefill", "d": "decode", "x": "decode"} and roles.switch_count == 0
+
+
 def test_without_rebalancing_roles_never_move():
     roles, live = _roles(rebalance=False)
     assert roles.role == {"p": "prefill", "d": "decode"}  # a worker without a role resource takes no work

@@ -8,7 +8,9 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   phases and moves between the prefill and the decode queue as the work needs; units then wait
   on the driver (a prefill worker gets at most roles.PREFILL_DEPTH units, a decode worker at
   most its fair share of the decode work, its own prefilled units first) so that whichever
-  worker changes role finds work; with rebalancing off, what follows holds as written;
+  worker changes role finds work (a decode worker whose engine prefills at a low CPU priority
+  also takes one unit when every prefill worker holds its units); with rebalancing off, what
+  follows holds as written;
 - a unit's prefill goes to the prefill worker with the fewest units in progress; in a fixed
   split, only once the decode workers' free slots hold its rows (pacing.py: a row waits for a
   slot before its prefill, not with its first token out);
@@ -17,7 +19,9 @@ never queued by the Dask scheduler (everything submitted is handed to workers at
   already has two units and its budget's worth of packets routed to it, the unit waits with its
   KV on its prefill worker: a decode worker holds its KV pool plus at most max(one budget, two
   units) of packets, whatever the window;
-- on a worker, a ready decode or write task runs before a ready prefill (PHASE_PRIORITY);
+- on a worker, a ready decode or write task runs before a ready prefill (PHASE_PRIORITY), and a
+  decode's rows start in the engine when the task turns ready, before a thread runs it
+  (early_decode.py);
 - the worker list is re-read continuously, so workers that join mid-job take work and workers
   that leave are no longer chosen;
 - a unit whose task failed or whose prefill/decode worker left is started again from its
@@ -117,6 +121,7 @@ class Pipeline:
         self.decode_kv: dict[str, int] = {}  # KV bytes routed to each decode worker, not yet done
         self.decode_kv_peak: dict[str, int] = {}  # the most decode_kv held at once, for the report
         self.budgets: dict[str, int] = {}
+        self.helpers: set[str] = set()  # workers whose engine prefills beside its decode (Roles.prefill_helpers)
         self.workers: dict[str, dict] = {}
         self.engine_rows: dict[str, int] = {}  # rows in each decode engine at its last heartbeat
         self.paced: set[str] = set()  # units that waited for decode slots before prefill (pacing.py)
@@ -172,6 +177,8 @@ class Pipeline:
             for addr, s in status.items():
                 if isinstance(s, dict) and s:
                     self.budgets[addr] = s.get("kv_budget_bytes", 0)
+                    if s.get("prefills_beside_decode"):
+                        self.helpers.add(addr)
 
     def live_workers(self) -> list[str]:
         return [a for a, w in self.workers.items() if w["status"] in (None, "running")]
@@ -204,10 +211,14 @@ class Pipeline:
         pool = self.role_workers("decode" if colocated else "prefill")
         if self.roles.rebalance:  # the rest waits on the driver, for whichever worker takes prefill
             pool = [a for a in pool if self.prefill_load.get(a, 0) < PREFILL_DEPTH]
+            if not pool and not colocated:  # every prefill worker holds its units
+                pool = self.roles.prefill_helpers(self.prefill_load, self.helpers, set(self.live_workers()))
         if not pool or (not colocated and not self.roles.rebalance and not self._decode_room(u)):
             u.phase = "queued"
             return False
         w = min(pool, key=lambda a: (self.prefill_load.get(a, 0), a))
+        if self.roles.role.get(w) == "decode" and not colocated:
+            self.roles.units_lent += 1
         self.prefill_load[w] = self.prefill_load.get(w, 0) + 1
         u.prefill_worker, u.counted_prefill = w, True
         if colocated:

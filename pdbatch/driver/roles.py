@@ -27,6 +27,10 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   decode worker switches at once, else the least-loaded one after a patience of a quarter of a
   unit's measured decode time (its remaining rows finish in its engine alongside the prefill,
   as in colocated mode).
+- lent, no switch: units wait for prefill and every prefill worker holds its units: a decode
+  worker whose engine prefills at a lower CPU priority than it decodes (the built-in engine on
+  CPU, engines/builtin/priority.py) takes one unit at a time in its spare time, its decode going
+  on as before; with decode tasks started early (early_decode.py) its rows do not wait for it.
 
 Between the two, both queues can never be starved at once while the other has work, and a
 worker switches only when it would otherwise idle (or, for the fallback, when prefill would).
@@ -86,6 +90,7 @@ class Roles:
     switch_count: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # for the dashboard
     unit_decode_s: float | None = None  # moving average of a unit's decode time
+    units_lent: int = 0  # units prefilled by a decode worker in its spare time (prefill_helpers)
     _starved_since: float | None = None
 
     # --- membership ---------------------------------------------------------------------------
@@ -121,6 +126,16 @@ class Roles:
     def unit_decoded(self, seconds: float) -> None:
         a = self.unit_decode_s
         self.unit_decode_s = seconds if a is None else 0.8 * a + 0.2 * seconds
+
+    # --- lending ------------------------------------------------------------------------------
+    def prefill_helpers(self, prefill_units: dict[str, int], able: set[str], live) -> list[str]:
+        """Units wait for prefill and every prefill worker holds PREFILL_DEPTH of them: the decode
+        workers whose engine prefills at a lower CPU priority than it decodes (`able`:
+        engines/builtin/priority.py) take one unit at a time, without a switch, in their spare
+        time; its KV is then decoded where it is."""
+        if any(prefill_units.get(a, 0) < PREFILL_DEPTH for a in self.pool("prefill", live)):
+            return []
+        return [a for a in self.pool("decode", live) if a in able and not prefill_units.get(a)]
 
     # --- switching ----------------------------------------------------------------------------
     def switch(self, addr: str, to: str, reason: str, now: float | None = None) -> None:
@@ -195,7 +210,7 @@ class Roles:
     # --- report -------------------------------------------------------------------------------
     def report(self) -> dict:
         return {"rebalance": self.rebalance, "initial": dict(sorted(self.initial.items())),
-                "final": self.by_name(), "switches": self.switch_count,
+                "final": self.by_name(), "switches": self.switch_count, "units_lent": self.units_lent,
                 "unit_decode_s": None if self.unit_decode_s is None else round(self.unit_decode_s, 3)}
 
     def snapshot(self) -> dict:

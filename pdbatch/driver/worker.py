@@ -138,7 +138,7 @@ class EngineHost(WorkerPlugin):
         if e is None:
             return {"roles": []}
         s = e.stats()
-        out = {"roles": sorted(e.roles)}
+        out = {"roles": sorted(e.roles), "prefills_beside_decode": e.prefills_beside_decode}
         if "prefill" in e.roles:
             out["prefill_tokens"] = s.prefill_tokens
             out["prefill_busy_s"] = s.prefill_busy_s

@@ -51,6 +51,9 @@ class Engine(abc.ABC):
     tokenizer: object  # Hugging Face tokenizer: prompts and chat templates (io/prompts.py)
     vocab_size: int  # the ids a token-id prompt may use
     max_model_len: int
+    # with both roles: prefill runs at a lower CPU priority than decode, so that a worker decoding
+    # may take prefill work in its spare time without slowing its rows (the driver then lends it)
+    prefills_beside_decode: bool = False
 
     @abc.abstractmethod
     def prefill(self, requests: list[Request]) -> list[KVPacket | SequenceOutput]:

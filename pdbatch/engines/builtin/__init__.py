@@ -12,6 +12,7 @@ from ..base import RECENT_STEPS, Engine, EngineStats
 from .decode import DecodeEngine
 from .model import load_model
 from .prefill import PrefillEngine
+from .priority import LowPriorityPrefill
 
 
 class BuiltinEngine(Engine):
@@ -35,6 +36,10 @@ class BuiltinEngine(Engine):
             self.decode_engine = DecodeEngine(
                 self.lm, kv_budget_bytes=o["kv_budget_bytes"], max_num_seqs=o["max_num_seqs"],
                 worker_name=worker_name, prefill=self.prefill_engine if o["mode"] == "colocated" else None)
+        # both roles, disaggregated (rebalancing), on CPU: prefill yields the cores to decode (priority.py)
+        self.prefills_beside_decode = (self.roles == {"prefill", "decode"} and o["mode"] != "colocated"
+                                       and self.lm.device.type == "cpu")
+        self._low_priority = LowPriorityPrefill() if self.prefills_beside_decode else None
 
     @classmethod
     def check_options(cls, options: dict) -> None:
@@ -49,6 +54,8 @@ class BuiltinEngine(Engine):
     def prefill(self, requests):
         if self.prefill_engine is None:
             raise RuntimeError(f"worker {self.worker_name} has no prefill role")
+        if self._low_priority is not None:
+            return self._low_priority.run(self.prefill_engine.run, requests)
         return self.prefill_engine.run(requests)
 
     def submit_packet(self, packet, kv_transfer_s: float | None = None) -> Future:
@@ -77,6 +84,8 @@ class BuiltinEngine(Engine):
     def close(self) -> None:
         if self.decode_engine is not None:
             self.decode_engine.close()
+        if self._low_priority is not None:
+            self._low_priority.close()
 
     def _decode(self) -> DecodeEngine:
         if self.decode_engine is None:

@@ -15,12 +15,14 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-PREFILL_NICE = 10  # CFS weight 110 against 1024 at nice 0: decode gets ~90% of a shared core
+# added to the worker's own nice value: CFS weight 110 against 1024, decode gets ~90% of a shared core
+PREFILL_NICE = 10
 
 
 def _lower_priority() -> None:
     try:  # an unprivileged thread can raise its nice value, not lower it back: a thread of its own
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFILL_NICE)
+        tid = threading.get_native_id()  # 19 is the lowest priority
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PREFILL_NICE))
     except (AttributeError, OSError):
         pass
 

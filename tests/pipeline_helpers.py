@@ -43,6 +43,21 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
         time.sleep(every)
 
 
+def wait_task_states(worker, timeout: float = 30, **states) -> None:
+    """Until each named task is in the given state on `worker` (an in-process Dask worker)."""
+    wait_for(lambda: all(k in worker.state.tasks and worker.state.tasks[k].state == v for k, v in states.items()),
+             timeout, f"task states {states}", every=0.01)
+
+
+def hold_thread(event: str) -> float:
+    """A running prefill stand-in for a one-thread Dask worker: holds the thread until the test
+    sets the Dask Event `event`; returns when it let go."""
+    from distributed import Event
+
+    assert Event(event).wait(60)
+    return time.time()
+
+
 def wait_session_empty(sid: int, timeout: float = 60) -> None:
     """Every process the run started (workers, nannies) must be gone after it exits."""
     deadline = time.time() + timeout

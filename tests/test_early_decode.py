@@ -4,12 +4,10 @@ real engine plugin and the bundled tiny model; outputs checked against Hugging F
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import torch
 from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, wait_for
+from pipeline_helpers import DEFAULT_MODEL, hold_thread, wait_for, wait_task_states
 
 from pdbatch.driver.pipeline import submit_on
 from pdbatch.driver.tasks import decode_unit, prefill_unit
@@ -19,14 +17,6 @@ from pdbatch.engines.sampling import SamplingParams
 from pdbatch.io.dataset import ROW_ID
 
 NEW = 12
-
-
-def _hold(event: str) -> float:
-    """A running prefill stand-in: holds the worker's one thread until the test lets it go."""
-    from distributed import Event
-
-    assert Event(event).wait(60)
-    return time.time()
 
 
 def test_a_ready_decode_decodes_while_the_worker_thread_prefills():
@@ -46,9 +36,8 @@ def test_a_ready_decode_decodes_while_the_worker_thread_prefills():
         prefilled = submit_on(client, worker.address, "prefill", "prefill-u-0", prefill_unit, rows, columns, defaults)
         prefilled.result()
         gate = Event("gate", client=client)
-        running = submit_on(client, worker.address, "prefill", "prefill-running", _hold, "gate")
-        wait_for(lambda: worker.state.tasks.get("prefill-running") and
-                 worker.state.tasks["prefill-running"].state == "executing", 30, "the blocking prefill", every=0.01)
+        running = submit_on(client, worker.address, "prefill", "prefill-running", hold_thread, "gate")
+        wait_task_states(worker, **{"prefill-running": "executing"})
         decode = submit_on(client, worker.address, "decode", "decode-u-0", decode_unit, prefilled, prefilled.key)
         # every row decodes to its end while the worker's only thread is still taken
         wait_for(lambda: host.engine.stats().decode_tokens >= len(prompts) * (NEW - 1), 60,

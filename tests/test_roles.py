@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_models import hf_greedy
-from pipeline_helpers import DEFAULT_MODEL, manifest_units, read_report, read_rows, run_cli, run_clis, wait_for
+from pipeline_helpers import (DEFAULT_MODEL, hold_thread, manifest_units, read_report, read_rows, run_cli, run_clis,
+                              wait_task_states)
 
 from pdbatch.driver.decode_progress import DecodeProgress
 from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
@@ -381,14 +382,6 @@ def test_decode_work_left_counts_what_a_worker_already_generated():
     assert p.left("b", 50) == 50 and p.left("never-seen", 50) == 50
 
 
-def _hold(event: str) -> float:
-    """A running prefill stand-in: holds the worker's one thread until the test lets it go."""
-    from distributed import Event
-
-    assert Event(event).wait(60)
-    return time.time()
-
-
 def _ran_at() -> float:
     return time.time()
 
@@ -405,17 +398,13 @@ def test_a_decode_runs_before_the_prefill_queued_behind_the_running_one():
         worker = cluster.workers[0]
         gate = Event("gate", client=client)
 
-        def wait_states(**states):
-            wait_for(lambda: all(k in worker.state.tasks and worker.state.tasks[k].state == v
-                                 for k, v in states.items()), 30, f"task states {states}", every=0.01)
-
-        running = submit_on(client, worker.address, "prefill", "prefill-running", _hold, "gate")
+        running = submit_on(client, worker.address, "prefill", "prefill-running", hold_thread, "gate")
         queued = submit_on(client, worker.address, "prefill", "prefill-queued", _ran_at)
-        wait_states(**{"prefill-running": "executing", "prefill-queued": "ready"})
+        wait_task_states(worker, **{"prefill-running": "executing", "prefill-queued": "ready"})
         # later than the scheduler's fifo-timeout (60 ms), as a decode comes seconds after the
         # prefills in a job: Dask then runs tasks of equal priority in the order they came
         time.sleep(0.2)
         decode = submit_on(client, worker.address, "decode", "decode-0", _ran_at)
-        wait_states(**{"decode-0": "ready"})
+        wait_task_states(worker, **{"decode-0": "ready"})
         gate.set()
         assert running.result() <= decode.result() < queued.result()

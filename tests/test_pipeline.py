@@ -18,6 +18,7 @@ from malloc_probe import big_buffer_faults
 from pipeline_helpers import (DEFAULT_MODEL, PDBATCH, REPO, SAMPLE, assert_sample_matches_hf, manifest_units,
                               read_report, read_rows, run_cli, run_clis, text_reference, wait_session_empty)
 
+from pdbatch.driver.cluster import scheduler_identity
 from pdbatch.engines.builtin.model import load_model
 
 NEW = 24  # tokens per row in these tests: enough to check decode, quick on 2 cores
@@ -251,7 +252,7 @@ def test_embedded_cluster_leaves_the_driver_environment_as_it_was(monkeypatch):
     cfg = build_config({"input": "in", "output": "out"})
     start_worker_forkserver(cfg)  # as `pdbatch run` does, before its model check
     with connect(cfg) as (client, _, _):
-        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        assert len(scheduler_identity(client)["workers"]) == 2
         inside = os.environ.get("OMP_NUM_THREADS")
         # the workers forked from one forkserver (imports paid once), which had Dask's
         # pre-spawn environment

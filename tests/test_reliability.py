@@ -29,6 +29,7 @@ from pipeline_helpers import (DEFAULT_MODEL, manifest_units, read_rows, run_cli,
 from reliability_helpers import (Driver, PeakRSS, ProcCluster, assert_complete_and_correct, make_tls_files, record,
                                  reference, report)
 
+from pdbatch.driver.cluster import scheduler_identity
 from pdbatch.engines.builtin.model import load_model
 
 NEW = 24  # tokens per row: long enough that a unit is still decoding when a worker dies
@@ -51,7 +52,7 @@ def expected_for(tiny, prompts, name="in.parquet", n=NEW) -> dict:
 
 
 def _addresses(client) -> dict[str, str]:
-    return {str(w["name"]): a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    return {str(w["name"]): a for a, w in scheduler_identity(client)["workers"].items()}
 
 
 def unit_of(key) -> str:
@@ -467,8 +468,8 @@ def test_tls_cluster_only_certified_peers(tmp_path, tiny):
         cluster.add_worker("prefill-a", "prefill")
         cluster.add_worker("decode-a", "decode")
         with cluster.client_tls(good) as client:
-            wait_for(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, 60, "workers")
-            info = client.scheduler_info(n_workers=-1)
+            wait_for(lambda: len(scheduler_identity(client)["workers"]) == 2, 60, "workers")
+            info = scheduler_identity(client)
         endpoints = [info["address"], *info["workers"]]  # every Dask endpoint: scheduler and workers
         listening = {(c.laddr.ip, c.laddr.port) for p in cluster.procs.values()
                      for c in psutil.Process(p.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
@@ -657,3 +658,18 @@ def test_a_heartbeat_racing_the_workers_close_prints_no_traceback():
                                (ValueError, ValueError("other"), None))
     from pdbatch.driver.worker import _DropHeartbeatAfterClose
     assert _DropHeartbeatAfterClose().filter(record)  # any other failure still prints
+
+
+def test_the_driver_sees_every_worker_while_the_clients_own_refresh_runs():
+    """The pipeline takes a worker missing from the scheduler's identity for one that left, and
+    restarts its units. `Client.scheduler_info` returned a cache that the client's periodic
+    refresh (workers left out) overwrites, so now and then it listed no worker at all."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "20ms"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = [len(scheduler_identity(client)["workers"]) for _ in range(3000)]
+    assert seen.count(2) == len(seen), f"{len(seen) - seen.count(2)} of {len(seen)} answers lacked a worker"

@@ -28,6 +28,8 @@ import pytest
 
 from distributed import Client
 
+from pdbatch.driver.cluster import scheduler_identity
+
 try:
     import distributed_ucxx  # noqa: F401  (registers the ucxx:// comm)
 except ImportError:  # a loud error, not a skip: the `test` extra requires it
@@ -96,7 +98,7 @@ def ucxx_cluster(tmp_path, monkeypatch):
 
 def test_kv_moves_between_workers_over_ucxx(ucxx_cluster):
     client = ucxx_cluster
-    workers = client.scheduler_info()["workers"]
+    workers = scheduler_identity(client)["workers"]
     by_name = {w["name"]: addr for addr, w in workers.items()}
     assert set(by_name) == {"prefill", "decode"}
     assert all(a.startswith("ucxx://") for a in by_name.values()), by_name

@@ -52,7 +52,7 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
     """One pdbatch run: start the cluster, load the engines, warm up, then the timed run."""
     from distributed import get_task_stream
 
-    from pdbatch.driver.cluster import connect
+    from pdbatch.driver.cluster import connect, scheduler_identity
     from pdbatch.driver.pipeline import Pipeline
     from pdbatch.driver.worker import worker_status
     from pdbatch.io.dataset import plan_input
@@ -76,7 +76,7 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
         startup = {"startup_s": round(t_ready - t_start, 3), "startup": {
             "cluster_s": round(t_cluster - t_start, 3), "engines_s": round(t_engines - t_cluster, 3),
             "warmup_s": round(t_ready - t_engines, 3)}}
-        names = {a: str(w["name"]) for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        names = {a: str(w["name"]) for a, w in scheduler_identity(client)["workers"].items()}
         before, cpu0 = client.run(worker_status), client.run(time.process_time)
         plan, pipe = pipeline(client, protocol, input_path, out_dir, cfg.unit_rows)
         with get_task_stream(client=client) as stream:

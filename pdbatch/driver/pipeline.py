@@ -44,6 +44,7 @@ from ..config import JobConfig
 from ..io.dataset import ROW_ID, InputPlan, WorkUnit, read_unit
 from ..io.output import OutputDir, outputs_to_table, unit_summary, write_shard
 from ..monitoring.report import RunTotals, build_report
+from .cluster import scheduler_identity
 from .decode_progress import DecodeProgress
 from .pacing import HEARTBEAT_LAG_S, DecodeRate, DecodeSlots, may_prefill
 from .quarantine import Quarantine, Suspect
@@ -158,7 +159,7 @@ class Pipeline:
         self.client.register_plugin(plugin)
 
     def refresh_workers(self) -> None:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = scheduler_identity(self.client)["workers"]
         self.workers = {addr: {"name": str(w.get("name")), "resources": w.get("resources", {}),
                                "status": w.get("status")} for addr, w in info.items()}
         self.names.update({a: w["name"] for a, w in self.workers.items()})

@@ -20,7 +20,7 @@ from .roles import DEFAULT_UNIT_ROWS_CAP, auto_unit_rows
 
 
 def run_job(cfg: JobConfig, echo=None) -> dict:
-    from .cluster import connect, start_worker_forkserver
+    from .cluster import connect, scheduler_identity, start_worker_forkserver
     from .pipeline import Pipeline
 
     echo = echo or (lambda msg: click.echo(msg, err=True))
@@ -39,7 +39,7 @@ def run_job(cfg: JobConfig, echo=None) -> dict:
             return _empty_output(cfg, plan, out)
     with connect(cfg) as (client, protocol, dashboard):
         if cfg.unit_rows is None:  # an existing cluster's fresh job: sized to the workers it has now
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            workers = len(scheduler_identity(client)["workers"])
             cfg.unit_rows = auto_unit_rows(plan.total_rows, workers)
             plan, done = _prepare(cfg, out)
         echo(f"pdbatch: {plan.total_rows} rows in {len(plan.units)} units of {cfg.unit_rows} rows ({source}; "

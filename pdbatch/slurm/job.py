@@ -23,6 +23,8 @@ from pathlib import Path
 def wait_for_cluster(scheduler_file: str, workers: int, timeout: float, protocol: str,
                      steps: dict[str, int], tls: tuple[str, str, str] | None = None) -> int:
     """Block until `workers` workers have registered; 1 with a log line naming what went wrong."""
+    from ..driver.cluster import scheduler_identity
+
     def say(msg):
         print(f"pdbatch-slurm: {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
@@ -38,7 +40,7 @@ def wait_for_cluster(scheduler_file: str, workers: int, timeout: float, protocol
             if client is None and _scheduler_ready(scheduler_file):
                 client = _connect(scheduler_file, protocol, tls=tls)
             if client is not None:
-                info = client.scheduler_info(n_workers=-1)
+                info = scheduler_identity(client)
                 seen = len(info["workers"])
                 if seen >= workers:
                     roles = {}

@@ -45,7 +45,7 @@ def job_options(f):
         click.option("--enforce-eager/--no-enforce-eager", default=None, help="vllm engine: run eager, without torch.compile or CUDA graphs (default on: start-up in seconds per worker instead of ~30 s on CPU, a few %% slower decode); --no-enforce-eager compiles, as vLLM does by default."),
         click.option("--kv-budget", type=str, help="KV cache memory per decode worker, e.g. 512MiB, 8GiB (default 2GiB)."),
         click.option("--rmm-pool-size", type=str, help="GPU only: an RMM pool per worker (e.g. 60GiB) that torch and UCX allocate from (needs dask-cuda)."),
-        click.option("--unit-rows", type=int, help="Rows per work unit: the grain of scheduling and resume (default: at least 4 units per worker, at most 128 rows; a resumed job keeps the size it started with)."),
+        click.option("--unit-rows", type=int, help="Rows per work unit: the grain of scheduling and resume (default: at least 3 units per worker, at most 128 rows; a resumed job keeps the size it started with)."),
         click.option("--max-inflight-units", type=int, help="Units in flight at once (default: 2 x workers + 2, or more small units to fill every worker's decode batch); bounds memory."),
         click.option("--progress", type=str, help="auto (bar on a terminal, log lines otherwise), bar, log, none."),
         click.option("--worker-timeout", type=float, help="Seconds to wait for a worker of a needed role (after all of them left) before the job stops with exit code 1 (default 300); the output stays resumable."),

@@ -74,7 +74,7 @@ def test_bench_cli_writes_figures(bench_runs):
     assert result["settings"]["rebalance"] is True and dis["roles"]["rebalance"] is True
     assert dis["roles"]["initial"] == {"decode-0": "decode", "prefill-0": "prefill"}
     assert dis["roles"]["switches"] == len(dis["role_switches"])
-    assert dis["unit_rows"] == result["settings"]["unit_rows"] == 1  # 8 rows, 2 workers: 4 units each
+    assert dis["unit_rows"] == result["settings"]["unit_rows"] == 1  # 8 rows, 2 workers: at least 3 units each
     assert {"prefill", "decode", "write"} <= {span[1] for span in dis["timeline"]}
     assert {span[1] for span in result["systems"]["colocated"]["timeline"]} >= {"generate"}
     assert set(result["ratios"]["disaggregated_over_colocated"]) >= {"output_tokens_per_s", "ttft_p50_s", "tpot_p99_s"}

@@ -77,8 +77,9 @@ def default_run(sixty):
 # --- unit sizing --------------------------------------------------------------------------------
 
 def test_auto_unit_rows_rule():
-    assert auto_unit_rows(60, 2) == 8  # 8 units: 4 per worker
+    assert auto_unit_rows(60, 2) == 10  # 6 units: 3 per worker
     assert auto_unit_rows(60, 16) == 1  # every worker gets work early on a big cluster
+    assert auto_unit_rows(32, 2) == 5  # 7 units: never fewer than 3 a worker
     assert auto_unit_rows(3, 2) == 1 and auto_unit_rows(0, 2) == 1
     assert auto_unit_rows(10**6, 64) == 128  # big inputs: a decode batch's worth, the resume grain
 
@@ -87,16 +88,16 @@ def test_sixty_rows_are_several_units_and_a_resume_keeps_the_size(sixty, default
     inp, want = sixty[0] / "in.parquet", sixty[1]
     first, res = default_run
     r = read_report(first)
-    assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (8, 8, "auto")  # not one unit of 60
-    assert "60 rows in 8 units of 8 rows (auto" in res.stderr
+    assert (r["units"], r["unit_rows"], r["unit_rows_source"]) == (6, 10, "auto")  # not one unit of 60
+    assert "60 rows in 6 units of 10 rows (auto" in res.stderr
     assert outputs(first) == want
-    assert json.loads((first / "_pdbatch" / "job.json").read_text())["unit_rows"] == 8  # the bookkeeping
-    # a crash lost the last three units; the rerun has 3 workers (auto would now pick 5 rows)
+    assert json.loads((first / "_pdbatch" / "job.json").read_text())["unit_rows"] == 10  # the bookkeeping
+    # a crash lost the last three units; the rerun has 3 workers (auto would now pick 7 rows)
     out = tmp_path / "out"
     shutil.copytree(first, out)
     manifest = out / "_pdbatch" / "manifest.jsonl"
     entries = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    kept, lost = entries[:5], entries[5:]
+    kept, lost = entries[:3], entries[3:]
     manifest.write_text("".join(json.dumps(e) + "\n" for e in kept))
     (out / "_SUCCESS").unlink()
     # beside it, on a new output directory: an explicit --unit-rows wins
@@ -106,7 +107,7 @@ def test_sixty_rows_are_several_units_and_a_resume_keeps_the_size(sixty, default
                                   "--unit-rows", 25, "--progress", "none"])
     assert res.returncode == 0, res.stderr
     r = read_report(out)
-    assert (r["unit_rows"], r["unit_rows_source"], r["units_resumed"]) == (8, "resumed", 5)
+    assert (r["unit_rows"], r["unit_rows_source"], r["units_resumed"]) == (10, "resumed", 3)
     assert r["rows_this_run"] == sum(e["rows"] for e in lost) and sorted(manifest_units(out)) == \
         sorted(e["unit"] for e in entries)
     assert outputs(out) == want and (out / "_SUCCESS").exists()

@@ -58,14 +58,20 @@ PREFILL_DEPTH = 2  # prefill units handed to one worker at once: one running, on
 DEFAULT_UNIT_DECODE_S = 2.0  # patience basis before any unit was decoded
 SWITCH_LOG_CAP = 2000  # switches kept for the report (the count is always exact)
 DEFAULT_UNIT_ROWS_CAP = 128  # the largest automatic unit: a decode batch's worth, a sensible resume grain
-UNITS_PER_WORKER = 4
+# Three units a worker, not four: in disaggregated mode a unit's rows reach their decoder together
+# and decode as one batch, and a CPU decode step costs nearly the same for 1 row as for 8 (it
+# reads every weight: bench-30m 20 ms at 1 row, 38 ms at 8). On the 2-core bench, units of 5-6
+# rows against 4 (alternated, disaggregated/colocated tok/s): summarize 0.84-1.12 vs 0.78-0.86,
+# generate 1.03-1.09 vs 0.95; 60 rows, 10 against 8: 0.95-1.00 vs 0.87-0.91. Units of 8 rows (2 a
+# worker) lost summarize's TPOT p99 win (0.97-1.01x colocated). docs/benchmarks.md has the runs.
+UNITS_PER_WORKER = 3
 
 
 def auto_unit_rows(total_rows: int, workers: int, cap: int = DEFAULT_UNIT_ROWS_CAP) -> int:
     """Rows per unit when --unit-rows is not given: at least UNITS_PER_WORKER units per worker, so
     prefill and decode overlap from the first unit and every worker gets work early, whatever
     the input size; at most `cap` rows (big inputs: few manifest entries, a resume loses little)."""
-    return max(1, min(cap, -(-max(total_rows, 1) // (UNITS_PER_WORKER * max(1, workers)))))
+    return max(1, min(cap, total_rows // (UNITS_PER_WORKER * max(1, workers))))
 
 
 @dataclass

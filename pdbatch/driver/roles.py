@@ -60,10 +60,12 @@ SWITCH_LOG_CAP = 2000  # switches kept for the report (the count is always exact
 DEFAULT_UNIT_ROWS_CAP = 128  # the largest automatic unit: a decode batch's worth, a sensible resume grain
 # Three units a worker, not four: in disaggregated mode a unit's rows reach their decoder together
 # and decode as one batch, and a CPU decode step costs nearly the same for 1 row as for 8 (it
-# reads every weight: bench-30m 20 ms at 1 row, 38 ms at 8). On the 2-core bench, units of 5-6
-# rows against 4 (alternated, disaggregated/colocated tok/s): summarize 0.84-1.12 vs 0.78-0.86,
-# generate 1.03-1.09 vs 0.95; 60 rows, 10 against 8: 0.95-1.00 vs 0.87-0.91. Units of 8 rows (2 a
-# worker) lost summarize's TPOT p99 win (0.97-1.01x colocated). docs/benchmarks.md has the runs.
+# reads every weight: bench-30m 20 ms at 1 row, 38 ms at 8). On the 2-core bench (disaggregated/
+# colocated tok/s, every run of both sizes): summarize 0.84-1.12 with units of 5-6 rows against
+# 0.78-0.94 with 4, generate 0.95-1.12 against 0.94-0.96; at 60 rows (10 against 8) throughput
+# did not clearly move (0.79-1.00 against 0.87-0.95) and TPOT p99 fell from 1.19-1.52x colocated
+# to 0.71-1.18x. Units of 8 rows (2 a worker) lost summarize's TPOT p99 win (0.96-1.01x
+# colocated). docs/benchmarks.md has the runs.
 UNITS_PER_WORKER = 3
 
 

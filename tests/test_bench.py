@@ -34,7 +34,7 @@ def bench_runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bench")
     jobs = {"builtin": ["bench", "--workload", "tiny-test", *TINY, "--prefix-share", "0.25", "--out",
-                        tmp / "builtin", "--systems", ",".join(SYSTEMS_BUT_VLLM)]}
+                        tmp / "builtin", "--systems", ",".join(SYSTEMS_BUT_VLLM), "--repeat", "2"]}
     if vllm_available():
         vllm_cache.wait_warm()
         # eager on both sides: seconds of start-up instead of a torch.compile per engine
@@ -84,6 +84,27 @@ def test_bench_cli_writes_figures(bench_runs):
             img.verify()
             assert img.format == "PNG" and img.size[0] > 300
     assert "greedy outputs: equal" in r.stdout and "disaggregated / colocated" in r.stdout
+
+
+def test_bench_repeat_alternates_the_order_and_reports_each_systems_median_run(bench_runs):
+    out, r = bench_runs["builtin"]
+    assert r.returncode == 0, r.stderr + r.stdout
+    result = json.loads((out / "bench.json").read_text())
+    assert result["settings"]["repeat"] == 2
+    order = [line.strip().split()[1] for line in r.stdout.splitlines() if line.strip().startswith("running ")]
+    assert order == SYSTEMS_BUT_VLLM + SYSTEMS_BUT_VLLM[::-1]  # round 2 runs them the other way round
+    for name, s in result["systems"].items():
+        assert [x["round"] for x in s["rounds"]] == [1, 2]
+        slower = max(s["rounds"], key=lambda x: x["wall_s"])  # of two, the slower one is the median
+        assert s["round"] == slower["round"] and s["wall_s"] == slower["wall_s"]
+        assert s["output_tokens_per_s"] == slower["output_tokens_per_s"]
+    for name in ("disaggregated", "colocated"):  # every round is a real run with its own output
+        assert (out / "runs" / name / "_SUCCESS").exists() and (out / "runs" / f"{name}.round2" / "_SUCCESS").exists()
+    per = result["ratios"]["rounds"]["disaggregated_over_colocated_output_tokens_per_s"]
+    d, c = result["systems"]["disaggregated"]["rounds"], result["systems"]["colocated"]["rounds"]
+    assert per["per_round"] == [round(a["output_tokens_per_s"] / b["output_tokens_per_s"], 3) for a, b in zip(d, c)]
+    assert per["median"] == min(per["per_round"])
+    assert "per round (side by side): output tok/s" in r.stdout and "median run of 2 rounds" in r.stdout
 
 
 def test_bench_puts_vllm_beside_pdbatch_on_the_vllm_engine(bench_runs):

@@ -69,12 +69,15 @@ def _command() -> str:
 @click.option("--allow-mismatch", type=float, default=0.0, show_default=True,
               help="Share of rows whose greedy output may differ between systems. Keep 0 in float32; bf16/fp16 "
                    "kernels round differently per batch shape and can flip near-ties.")
-@click.option("--unit-rows", type=int, default=0, help="Rows per work unit (default: pdbatch run's, at least 4 units per "
+@click.option("--unit-rows", type=int, default=0, help="Rows per work unit (default: pdbatch run's, at least 3 units per "
               "worker, at most 128 rows).")
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True,
               help="Disaggregated run: move workers between prefill and decode as the work needs (pdbatch's default); "
                    "--no-rebalance keeps the fixed split.")
 @click.option("--hf-batch-size", type=int, default=16, show_default=True, help="Static batch size of hf_generate.")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Rounds of every system, their order alternating (A B, B A, ...); figures are each system's "
+                   "median run, and bench.json adds every round and the per-round disaggregated/colocated ratios.")
 def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, systems, **kw):
     """Run one workload through pdbatch (disaggregated and colocated) and the baselines (Hugging
     Face's static-batch `generate` and continuous-batching `generate_batch`, vLLM's own
@@ -93,6 +96,8 @@ def bench(out, workload, rows, prompt_len, output_len, prefix_share, seed, syste
     for name in ("prefill_workers", "decode_workers"):
         if getattr(opts, name) < 1:
             raise click.BadParameter(f"must be >= 1, got {getattr(opts, name)}", param_hint=f"--{name.replace('_', '-')}")
+    if opts.repeat < 1:
+        raise click.BadParameter(f"must be >= 1, got {opts.repeat}", param_hint="--repeat")
     if not 0 <= opts.allow_mismatch <= 1:
         raise click.BadParameter(f"must be in [0, 1], got {opts.allow_mismatch}", param_hint="--allow-mismatch")
     rc, _ = run_bench(opts, echo=lambda m: click.echo(m), command=_command())

@@ -40,6 +40,7 @@ class BenchOptions:
     max_num_seqs: int = 64
     kv_budget: str = "1GiB"
     hf_batch_size: int = 16
+    repeat: int = 1  # rounds of every system, alternating their order (see run_bench)
     allow_mismatch: float = 0.0  # share of rows whose greedy output may differ (bf16 on GPUs)
     dtype: str = "auto"
     device: str = "auto"
@@ -112,32 +113,42 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" else ""))
 
     args = _engine_args(o, lm, work)
-    runs: dict[str, SystemRun] = {}
+    rounds: dict[str, list[SystemRun]] = {name: [] for name in o.systems}
     window = None
-    for name in o.systems:
-        echo(f"  running {name} ...")
-        if name in PDBATCH_SYSTEMS:
-            cfg = build_config({
-                "input": input_path, "output": os.path.join(o.out, "runs", name), "model": path,
-                "prompt_column": PROMPT_COLUMN, "id_column": ID_COLUMN, "ignore_eos": True, "temperature": 0.0,
-                "mode": name, "prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
-                "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance, "engine": o.engine,
-                "enforce_eager": o.enforce_eager, "max_batch_tokens": o.max_batch_tokens,
-                "max_num_seqs": o.max_num_seqs, "kv_budget": o.kv_budget, "dtype": o.dtype, "device": o.device,
-                "progress": "none", "overwrite": True})
-            window = cfg.inflight_units()
-            runs[name] = run_pdbatch(cfg, input_path, warm_path, cfg.output, echo)
-        else:
-            torch.set_num_threads(baseline_threads)
-            runs[name] = run_baseline(name, lm, work, args)
-        r = runs[name]
-        again = r.extra.get("tasks_computed_again", 0) + r.extra.get("units_restarted", 0)
-        # no figures yet: they are printed only once the outputs are known to agree
-        echo("    done" + (f" ({r.extra['tasks_computed_again']} tasks computed again, {r.extra['units_restarted']} "
-                               f"units restarted: lost results were redone, the figures include that work)"
-                               if again else ""))
+    # Rounds alternate the systems' order (A B, B A, A B, ...): on a shared machine speed drifts
+    # by 10-15 % over a minute, and a fixed order would hand one system the slow half of it. Each
+    # round's systems ran next to each other, so a round's ratios are a paired comparison.
+    for k in range(o.repeat):
+        order = o.systems if k % 2 == 0 else tuple(reversed(o.systems))
+        for name in order:
+            echo(f"  running {name}{f' (round {k + 1} of {o.repeat})' if o.repeat > 1 else ''} ...")
+            if name in PDBATCH_SYSTEMS:
+                out_dir = os.path.join(o.out, "runs", name if k == 0 else f"{name}.round{k + 1}")
+                cfg = build_config({
+                    "input": input_path, "output": out_dir, "model": path,
+                    "prompt_column": PROMPT_COLUMN, "id_column": ID_COLUMN, "ignore_eos": True, "temperature": 0.0,
+                    "mode": name, "prefill_workers": o.prefill_workers, "decode_workers": o.decode_workers,
+                    "threads_per_worker": threads, "unit_rows": unit_rows, "rebalance": o.rebalance,
+                    "engine": o.engine, "enforce_eager": o.enforce_eager, "max_batch_tokens": o.max_batch_tokens,
+                    "max_num_seqs": o.max_num_seqs, "kv_budget": o.kv_budget, "dtype": o.dtype, "device": o.device,
+                    "progress": "none", "overwrite": True})
+                window = cfg.inflight_units()
+                r = run_pdbatch(cfg, input_path, warm_path, cfg.output, echo)
+            else:
+                torch.set_num_threads(baseline_threads)
+                r = run_baseline(name, lm, work, args)
+            r.extra["round"] = k + 1
+            rounds[name].append(r)
+            again = r.extra.get("tasks_computed_again", 0) + r.extra.get("units_restarted", 0)
+            # no figures yet: they are printed only once the outputs are known to agree
+            echo("    done" + (f" ({r.extra['tasks_computed_again']} tasks computed again, {r.extra['units_restarted']} "
+                                   f"units restarted: lost results were redone, the figures include that work)"
+                                   if again else ""))
 
-    lines, differing, wrong_length = compare_outputs(runs, work.out_lens)
+    # every run of every system against the first system's first run
+    every = {(name if r.extra["round"] == 1 else f"{name} (round {r.extra['round']})"): r
+             for name in o.systems for r in rounds[name]}
+    lines, differing, wrong_length = compare_outputs(every, work.out_lens)
     allowed = math.floor(o.allow_mismatch * o.spec.rows)
     if wrong_length or any(len(rows) > allowed for rows in differing.values()):
         echo("pdbatch bench: greedy outputs differ between systems; no figures reported")
@@ -146,6 +157,7 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
         return 1, None
     for line in lines:  # within --allow-mismatch
         echo(f"  outputs: {line} (allowed: {allowed} rows)")
+    runs = {name: median_run(rs) for name, rs in rounds.items()}
 
     result = {
         "command": command or " ".join(sys.argv), "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -161,14 +173,19 @@ def run_bench(o: BenchOptions, echo=print, command: str | None = None) -> tuple[
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "max_inflight_units": window, "baseline_kv_budget_mib": args.kv_budget_mib,
                      "max_batch_tokens": o.max_batch_tokens, "max_num_seqs": o.max_num_seqs,
-                     "kv_budget": o.kv_budget, "hf_batch_size": o.hf_batch_size,
+                     "kv_budget": o.kv_budget, "hf_batch_size": o.hf_batch_size, "repeat": o.repeat,
                      "sampling": "greedy, EOS ignored, per-row max_new_tokens"},
         "outputs_equal": not lines, "reference_system": o.systems[0],
         "rows_differing": {n: rows for n, rows in differing.items() if rows},
         "systems": {name: summarize(r, work.output_tokens, _devices(name, lm, o, threads, baseline_threads))
                     for name, r in runs.items()},
     }
+    if o.repeat > 1:
+        for name, s in result["systems"].items():
+            s["rounds"] = [round_figures(r, work.output_tokens) for r in rounds[name]]
     result["ratios"] = ratios(result["systems"])
+    if o.repeat > 1:
+        result["ratios"]["rounds"] = round_ratios(result["systems"])
     from pdbatch.bench.plots import write_plots
 
     result["plots"] = [os.path.basename(p) for p in write_plots(result, o.out)]
@@ -251,6 +268,35 @@ def summarize(r: SystemRun, output_tokens: int, devices: dict | None = None) -> 
     return out
 
 
+def median_run(runs: list[SystemRun]) -> SystemRun:
+    """The run whose throughput is the median (with an even count, the slower of the middle two):
+    an actual run, so its per-row figures, timeline and report belong together."""
+    ordered = sorted(runs, key=lambda r: -r.wall_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def round_figures(r: SystemRun, output_tokens: int) -> dict:
+    """One round's headline figures, for `systems.<name>.rounds` (--repeat)."""
+    s = summarize(r, output_tokens)
+    return {"round": r.extra["round"], **{k: s[k] for k in (
+        "wall_s", "output_tokens_per_s", "cpu_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")}}
+
+
+def round_ratios(systems: dict) -> dict:
+    """Disaggregated over colocated within each round (the two ran side by side) and the median
+    of those paired ratios: steadier than a ratio of medians when the machine's speed drifts."""
+    d, c = systems.get("disaggregated", {}).get("rounds"), systems.get("colocated", {}).get("rounds")
+    if not d or not c:
+        return {}
+    out = {}
+    for key in ("output_tokens_per_s", "tpot_p99_s"):
+        per = [round(a[key] / b[key], 3) if a[key] and b[key] else None for a, b in zip(d, c)]
+        known = sorted(x for x in per if x is not None)
+        out[f"disaggregated_over_colocated_{key}"] = {
+            "per_round": per, "median": known[(len(known) - 1) // 2] if known else None}
+    return out
+
+
 def ratios(systems: dict) -> dict:
     def ratio(a, b, key):
         x, y = systems.get(a, {}).get(key), systems.get(b, {}).get(key)
@@ -268,8 +314,10 @@ def table(result: dict) -> list[str]:
     def ms(x):
         return f"{x * 1000:8.1f}" if x is not None else f"{'-':>8}"
 
-    lines = ["", f"{'system':<15} {'wall s':>7} {'tok/s':>8} {'tok/CPU-s':>9} {'TTFT p50':>8} {'p99':>8} "
-                 f"{'TPOT p50':>8} {'p99':>8}   (TTFT/TPOT in ms; TTFT from the start of the run)"]
+    repeat = result["settings"].get("repeat", 1)
+    lines = ([""] + ([f"each system's median run of {repeat} rounds"] if repeat > 1 else [])
+             + [f"{'system':<15} {'wall s':>7} {'tok/s':>8} {'tok/CPU-s':>9} {'TTFT p50':>8} {'p99':>8} "
+                 f"{'TPOT p50':>8} {'p99':>8}   (TTFT/TPOT in ms; TTFT from the start of the run)"])
     for name, s in result["systems"].items():
         cpu = f"{s['output_tokens_per_cpu_s']:9.1f}" if s.get("output_tokens_per_cpu_s") else f"{'-':>9}"
         lines.append(f"{name:<15} {s['wall_s']:7.1f} {s['output_tokens_per_s']:8.1f} {cpu} {ms(s['ttft_p50_s'])} "
@@ -279,6 +327,11 @@ def table(result: dict) -> list[str]:
     if d["output_tokens_per_s"]:
         lines.append(f"disaggregated / colocated: output tok/s {d['output_tokens_per_s']}, "
                      f"TTFT p50 {d['ttft_p50_s']}, TPOT p99 {d['tpot_p99_s']}")
+    for key, label in (("output_tokens_per_s", "output tok/s"), ("tpot_p99_s", "TPOT p99")):
+        per = r.get("rounds", {}).get(f"disaggregated_over_colocated_{key}")
+        if per:
+            lines.append(f"  per round (side by side): {label} {', '.join(map(str, per['per_round']))}; "
+                         f"median {per['median']}")
     for k, v in r.items():
         if k.endswith("_output_tokens_per_s") and v is not None:
             lines.append(f"{k.removesuffix('_output_tokens_per_s').replace('_over_', ' / ')}: output tok/s {v}")

@@ -22,6 +22,7 @@ from pipeline_helpers import (DEFAULT_MODEL, hold_thread, manifest_units, read_r
 from pdbatch.driver.decode_progress import DecodeProgress
 from pdbatch.driver.pacing import DecodeRate, DecodeSlots, may_prefill
 from pdbatch.driver.pipeline import submit_on
+from pdbatch.driver import roles as roles_mod
 from pdbatch.driver.roles import PREFILL_DEPTH, Roles, View, auto_unit_rows
 from pdbatch.engines.builtin.model import load_model
 from pdbatch.monitoring.dashboard_page import roles_html
@@ -249,6 +250,29 @@ def test_roles_follow_the_queues():
     assert roles.role["d"] == "prefill"
     assert [s["t_s"] for s in roles.switches] == [1.0, 2.0, 2.5, 2.7, 2.8, 2.9, 4.0, 6.1]
     assert roles.report()["final"] == {"decode-0": "prefill", "plain": "decode", "prefill-0": "decode"}
+
+
+def test_before_any_unit_decoded_the_patience_follows_the_rows_output_length():
+    """Until a unit was decoded, a unit's decode time is its longest row's max_new_tokens decode
+    steps (PRIOR_STEP_S each): with long outputs both workers go on prefilling through a short
+    wait for a decoder (the units will decode for long; a switch would halve prefill for a
+    TPOT gain of a few percent), with short ones a decoder starts at once; once a unit was
+    decoded, its measured time decides."""
+    def switched(unit_tokens: int, waited: float, measured: float | None = None) -> bool:
+        roles, live = _roles()
+        roles.switch("d", "prefill", "test", now=0.0)  # p and d prefill
+        if measured is not None:
+            roles.unit_decoded(measured)
+        view = View({"p": 2, "d": 1}, {"x": 4}, {"p": 1}, queued_prefill=3, waiting_decode=1,
+                    oldest_wait_s=waited, unit_tokens=unit_tokens)
+        roles.rebalance_tick(view, live, 1.0)
+        return roles.role["p"] == "decode"
+
+    assert roles_mod.PRIOR_STEP_S * 256 == pytest.approx(10.24)
+    assert not switched(256, waited=0.5) and switched(256, waited=1.1)  # patience 1.02 s
+    assert switched(32, waited=0.2)  # patience 0.13 s
+    assert not switched(0, waited=0.15) and switched(0, waited=0.25)  # lengths unknown: 2 s a unit
+    assert switched(256, waited=0.2, measured=1.0)  # measured: a unit decodes in 1 s
 
 
 def test_someone_prefills_while_units_wait_for_prefill():

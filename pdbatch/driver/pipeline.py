@@ -97,6 +97,7 @@ class _Unit:
     futures: dict = field(default_factory=dict)
     decode_started: float = 0.0
     work: int = 0  # decode work: the rows' max_new_tokens summed (what fair shares weigh)
+    longest: int = 0  # the largest max_new_tokens of its rows (roles.py: the patience before a switch)
     waiting_since: float = 0.0  # prefilled, waiting for a decoder since (0: not waiting)
     prefill_started: float = 0.0
     probe: Suspect | None = None  # a single-row probe of a quarantine suspect (quarantine.py)
@@ -337,9 +338,10 @@ class Pipeline:
         live = set(self.live_workers())
         rows = self._decode_units(live)[1]
         held: dict[str, int] = {}
-        queued = waiting = 0
+        queued = waiting = longest = 0
         oldest = now
         for x in self.inflight.values():
+            longest = max(longest, x.longest)
             if x.phase == "queued":
                 queued += 1
             elif x.phase in ("wait-room", "wait-decode"):
@@ -348,7 +350,7 @@ class Pipeline:
                 held[x.prefill_worker] = held.get(x.prefill_worker, 0) + 1
         self.roles.rebalance_tick(View(prefill_units=dict(self.prefill_load), decode_rows=rows, held=held,
                                        queued_prefill=queued, waiting_decode=waiting,
-                                       oldest_wait_s=now - oldest), live, now)
+                                       oldest_wait_s=now - oldest, unit_tokens=longest), live, now)
 
     def _submit_write(self, u: _Unit) -> None:
         if u.probe is not None:  # a probe's one row comes back to the driver (quarantine.py)
@@ -409,7 +411,7 @@ class Pipeline:
             self._record(unit_summary(s.unit.unit.unit_id, s.outputs, "driver"))
             return
         suspect, wu, rows = nxt
-        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect, work=self._work(rows))
+        probe = _Unit(unit=wu, keep=None, rows=rows, probe=suspect, **self._decode_lengths(rows))
         self.inflight[wu.unit_id] = probe
         self.submit_unit(probe)
 
@@ -541,20 +543,21 @@ class Pipeline:
         keep = table.select(self.plan.keep_columns) if self.plan.keep_columns else None
         needed = [c for c in (self.plan.prompt_column, self.plan.messages_column,
                               *self.plan.sampling_columns, ROW_ID) if c]
-        return _Unit(unit=unit, keep=keep, rows=table.select(needed), work=self._work(table))
+        return _Unit(unit=unit, keep=keep, rows=table.select(needed), **self._decode_lengths(table))
 
-    def _work(self, table) -> int:
-        """The unit's decode work for fair shares: its rows' max_new_tokens (column or default)."""
+    def _decode_lengths(self, table) -> dict:
+        """The unit's decode work for fair shares (its rows' max_new_tokens summed, column or
+        default) and its longest row's (the roles' patience)."""
         default = self.cfg.max_new_tokens
         if "max_new_tokens" not in self.plan.sampling_columns:
-            return table.num_rows * default
-        total = 0
+            return {"work": table.num_rows * default, "longest": default if table.num_rows else 0}
+        lengths = []
         for v in table.column("max_new_tokens").to_pylist():
             try:
-                total += default if v is None or v != v else max(1, min(int(v), 1 << 20))
+                lengths.append(default if v is None or v != v else max(1, min(int(v), 1 << 20)))
             except (TypeError, ValueError, OverflowError):
-                total += default  # a bad value is that row's error, found on the worker
-        return total
+                lengths.append(default)  # a bad value is that row's error, found on the worker
+        return {"work": sum(lengths), "longest": max(lengths, default=0)}
 
     def _advance(self, u: _Unit) -> None:
         failed = [f for f in u.futures.values() if f.status in ("error", "cancelled")]

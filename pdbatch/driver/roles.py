@@ -15,7 +15,7 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds
   first, where their KV already is (nothing moves over the network);
 - prefill -> decode, while prefill work remains: a prefilled unit has waited for a decoder
-  longer than a tenth of a unit's measured decode time (every decoder holds its share): the
+  longer than a tenth of a unit's decode time (every decoder holds its share): the
   prefill worker holding the most waiting units (then the one with the fewest prefill units in
   flight) becomes a decode worker, but never the last one prefilling. Its first token is out,
   and the wait counts in the row's time per output token: this keeps decode prompt when
@@ -25,8 +25,9 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   worker; if no worker prefills at all (whatever waits for a decoder: decoders that each hold
   their share would otherwise keep the prefill queue waiting until they drain), a drained
   decode worker switches at once, else the least-loaded one after a patience of a quarter of a
-  unit's measured decode time (its remaining rows finish in its engine alongside the prefill,
-  as in colocated mode).
+  unit's decode time (its remaining rows finish in its engine alongside the prefill, as in
+  colocated mode). A unit's decode time is measured as the job runs (a moving average over the
+  units decoded); until one is, it is estimated from the rows' own lengths (unit_decode_estimate).
 - lent, no switch: units wait for prefill and every prefill worker holds its units: a decode
   worker whose engine prefills at a lower CPU priority than it decodes (the built-in engine on
   CPU, engines/builtin/priority.py) takes one unit at a time in its spare time, its decode going
@@ -55,7 +56,15 @@ from ..monitoring.metrics import ROLES
 log = logging.getLogger("pdbatch")
 
 PREFILL_DEPTH = 2  # prefill units handed to one worker at once: one running, one ready
-DEFAULT_UNIT_DECODE_S = 2.0  # patience basis before any unit was decoded
+# Before any unit was decoded, a unit's decode time is estimated as its longest row's
+# max_new_tokens decode steps of PRIOR_STEP_S each: a decode step takes tens of milliseconds, for
+# a small model on a CPU core (bench-30m: 20-90 ms for 1-32 rows) as for a 7-8B one on a GPU. The
+# patience then follows the job's own output lengths: with a constant 2 s instead, a 60-row job
+# of 16-256 output tokens (bench `uniform`) switched a prefill worker to decode after a 0.2-0.5 s
+# wait in 5 of 16 runs, which took 26.5 s on average against 23.9 s: that worker then prefilled
+# its held units beside its decode, and one decoder took 40-50 of the 60 rows (docs/benchmarks.md).
+PRIOR_STEP_S = 0.04
+PRIOR_UNIT_TOKENS = 50  # a unit's longest row when the driver knows none (2 s, as before)
 SWITCH_LOG_CAP = 2000  # switches kept for the report (the count is always exact)
 DEFAULT_UNIT_ROWS_CAP = 128  # the largest automatic unit: a decode batch's worth, a sensible resume grain
 # Three units a worker, not four: in disaggregated mode a unit's rows reach their decoder together
@@ -85,6 +94,7 @@ class View:
     queued_prefill: int  # units waiting for a prefill worker
     waiting_decode: int  # prefilled units waiting for a decoder
     oldest_wait_s: float = 0.0  # how long the longest-waiting prefilled unit has waited
+    unit_tokens: int = 0  # the longest max_new_tokens of a row in flight (0: not known)
 
 
 @dataclass
@@ -135,6 +145,12 @@ class Roles:
         a = self.unit_decode_s
         self.unit_decode_s = seconds if a is None else 0.8 * a + 0.2 * seconds
 
+    def unit_decode_estimate(self, unit_tokens: int = 0) -> float:
+        """A unit's decode time: measured once a unit was decoded, else from its rows' length."""
+        if self.unit_decode_s is not None:
+            return self.unit_decode_s
+        return PRIOR_STEP_S * (unit_tokens or PRIOR_UNIT_TOKENS)
+
     # --- lending ------------------------------------------------------------------------------
     def prefill_helpers(self, prefill_units: dict[str, int], able: set[str], live) -> list[str]:
         """Units wait for prefill and every prefill worker holds PREFILL_DEPTH of them: the decode
@@ -177,7 +193,7 @@ class Roles:
             self._starved_since = None
             # never the last prefill worker while units wait for prefill (the queue would stall
             # behind decoders that each hold their share); prefill work can remain only here
-            if len(prefill) > 1 and v.oldest_wait_s >= 0.1 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S):
+            if len(prefill) > 1 and v.oldest_wait_s >= 0.1 * self.unit_decode_estimate(v.unit_tokens):
                 a = min(prefill, key=lambda a: (-v.held.get(a, 0), v.prefill_units.get(a, 0), self.names.get(a, a)))
                 self.switch(a, "decode", f"a prefilled unit waited {v.oldest_wait_s:.1f}s for a decoder", now)
             return
@@ -209,7 +225,7 @@ class Roles:
         if not decode:
             return
         self._starved_since = self._starved_since or now
-        patience = 0.25 * (self.unit_decode_s or DEFAULT_UNIT_DECODE_S)
+        patience = 0.25 * self.unit_decode_estimate(v.unit_tokens)
         if now - self._starved_since >= patience:
             a = min(decode, key=lambda a: (v.decode_rows.get(a, 0), self.names.get(a, a)))
             self.switch(a, "prefill", f"no worker prefills and units wait for prefill for {patience:.1f}s", now)

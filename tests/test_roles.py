@@ -351,18 +351,16 @@ def test_dashboard_roles_view_and_monitor_counts():
     assert (point["prefill_workers"], point["decode_workers"], point["role_switches"]) == (0, 2, 1)
 
 
-def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
-    """Seen on the decode-heavy bench workload (8 units of 4 rows, output lengths differ): both
-    workers decoding, one prefilled unit left; it fitted no one's fair share of the decode
-    tokens once added, waited 31 s for a unit to finish, then decoded alone for 28 s. A worker
-    below its share before the unit takes it."""
+def _routing_pipeline(rows_a_unit: int):
+    """A Pipeline with only what decode routing reads (p: prefill-0, d: decode-0, both live), and
+    a maker of its units."""
     from types import SimpleNamespace
 
     from pdbatch.driver.pipeline import Pipeline, _Unit
 
     def unit(name, work, phase, decoder=None, prefill="p"):
-        return _Unit(unit=SimpleNamespace(unit_id=name), keep=None, rows=pa.table({"x": [0] * 4}), phase=phase,
-                     work=work, decode_worker=decoder, prefill_worker=prefill)
+        return _Unit(unit=SimpleNamespace(unit_id=name), keep=None, rows=pa.table({"x": [0] * rows_a_unit}),
+                     phase=phase, work=work, decode_worker=decoder, prefill_worker=prefill)
 
     pipe = Pipeline.__new__(Pipeline)
     pipe.cfg = SimpleNamespace(max_num_seqs=64)
@@ -370,6 +368,19 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     pipe.names = {"p": "prefill-0", "d": "decode-0"}
     pipe.budgets, pipe.decode_kv = {"p": 1 << 30, "d": 1 << 30}, {}
     pipe.decode_progress = DecodeProgress()
+    pipe.roles, pipe.prefill_load = Roles(rebalance=True), {}
+    pipe.roles.sync({"p": {"name": "prefill-0", "resources": {"prefill": 1}},
+                     "d": {"name": "decode-0", "resources": {"decode": 1}}})
+    return pipe, unit
+
+
+def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
+    """Seen on the decode-heavy bench workload (8 units of 4 rows, output lengths differ): both
+    workers decoding, one prefilled unit left; it fitted no one's fair share of the decode
+    tokens once added, waited 31 s for a unit to finish, then decoded alone for 28 s. A worker
+    below its share before the unit takes it."""
+    pipe, unit = _routing_pipeline(4)
+    pipe.roles.role = {"p": "decode", "d": "decode"}  # both workers decode
     last = unit("u7", 900, "wait-room")
     pipe.inflight = {"u0": unit("u0", 1000, "decode", "p"), "u1": unit("u1", 1000, "decode", "p"),
                      "u2": unit("u2", 700, "decode", "d"), "u3": unit("u3", 800, "decode", "d"), "u7": last}
@@ -386,6 +397,31 @@ def test_the_last_prefilled_unit_finds_a_decoder_when_every_worker_decodes():
     pipe.decode_progress.heartbeat("p", 0)
     pipe.decode_progress.heartbeat("p", 1200)
     assert pipe._pick_decoder(last, ["p", "d"]) == "p"
+
+
+def test_a_unit_waits_for_its_holder_when_the_holder_decodes_next():
+    """Seen at 60 rows: the two workers ran out of prefill 50 ms apart; the first to decode took
+    the other's prefilled units, the other then took the first's, and 69 % of the job's KV
+    crossed between them. A unit whose holder is running its last prefill (nothing waits to be
+    prefilled) now stays for it, unless a decoder has nothing at all to decode."""
+    pipe, unit = _routing_pipeline(10)
+    pipe.prefill_load = {"p": 1}  # p runs its last prefill
+    held = unit("u1", 1000, "wait-room")
+    pipe.inflight = {"u0": unit("u0", 1000, "decode", "d", prefill="d"), "u1": held,
+                     "u2": unit("u2", 1000, "wait-room"), "u3": unit("u3", 1000, "prefill")}
+    # d is below its share (1000 of 3000 / 2), but p decodes its own units next
+    assert pipe._pick_decoder(held, ["d"]) is None
+    pipe.inflight["u4"] = unit("u4", 1000, "queued")  # p has more to prefill: d takes the unit
+    assert pipe._pick_decoder(held, ["d"]) == "d"
+    del pipe.inflight["u4"]
+    pipe.prefill_load["p"] = 2  # two units to prefill: not soon
+    assert pipe._pick_decoder(held, ["d"]) == "d"
+    pipe.prefill_load["p"] = 1
+    del pipe.inflight["u0"]  # a decoder with nothing to decode takes it at once
+    assert pipe._pick_decoder(held, ["d"]) == "d"
+    pipe.roles.rebalance = False  # a fixed split: the holder never decodes
+    pipe.inflight["u0"] = unit("u0", 1000, "decode", "d", prefill="d")
+    assert pipe._pick_decoder(held, ["d"]) == "d"
 
 
 def test_decode_work_left_counts_what_a_worker_already_generated():

@@ -57,6 +57,7 @@ log = logging.getLogger("pdbatch")
 
 MAX_FAILURES_REPORTED = 100  # failed attempts listed in report.json (the log has them all)
 RESULT_TIMEOUT_S = 60.0  # fetching a finished task's small result; longer means its holder died
+REBALANCE_TICK_S = 0.1  # the roles are re-decided at most this often (roles.py)
 
 
 # Among the tasks ready on one worker, a decode (and its write) runs before a prefill, as a
@@ -324,15 +325,30 @@ class Pipeline:
         if u.prefill_worker in pool and fits(u.prefill_worker, share):
             return u.prefill_worker
         room = [a for a in pool if fits(a, share)]
+        if room and self._decodes_own_units_soon(u.prefill_worker):
+            room = [a for a in room if not units[a]]  # a worker with nothing to decode still takes it
         if not room:
             return None
         return min(room, key=lambda a: (work[a], self.decode_kv.get(a, 0) - self.budgets.get(a, 0),
                                         self.names.get(a, a)))
 
+    def _decodes_own_units_soon(self, holder: str | None) -> bool:
+        """Whether the prefill worker holding a unit's KV runs out of prefill with the unit it is
+        running: nothing waits to be prefilled, so it then becomes a decoder and decodes the
+        units it holds where their KV is (roles.py). Another decoder that already has work then
+        leaves them there: measured at 60 rows, the worker that ran out of prefill 50 ms before
+        the other took the other's units and the other took its, and 69 % of the job's KV
+        crossed between them for nothing."""
+        if not self.roles.rebalance or holder not in self.workers or self.roles.role.get(holder) != "prefill":
+            return False
+        if self.prefill_load.get(holder, 0) > 1:
+            return False
+        return not any(x.phase == "queued" for x in self.inflight.values())
+
     def _rebalance(self) -> None:
         """Move workers between the roles (roles.py), at most every 0.1 s."""
         now = time.time()
-        if not self.roles.rebalance or now - self._last_tick < 0.1:
+        if not self.roles.rebalance or now - self._last_tick < REBALANCE_TICK_S:
             return
         self._last_tick = now
         live = set(self.live_workers())
@@ -451,11 +467,19 @@ class Pipeline:
             if exhausted and not self.inflight:
                 break
             self._rebalance()
+            waiting = []
             for u in list(self.inflight.values()):
                 if u.phase == "queued":
                     self.submit_unit(u)
                 elif u.phase in ("wait-decode", "wait-room"):
-                    self.submit_decode(u)
+                    waiting.append(u)
+            # units whose KV is on a worker that decodes now go first, each to that worker (its
+            # fair share allows): a worker that just switched to decode takes its own units, not
+            # those of a worker about to switch too (measured: two units crossed each way, KV
+            # moved for nothing, when both workers ran out of prefill within 50 ms)
+            decoding = set(self.role_workers("decode"))
+            for u in sorted(waiting, key=lambda u: u.prefill_worker not in decoding):
+                self.submit_decode(u)
             stalled_since = self._check_stall(stalled_since)
             for u, why in self.watchdog.check(self.inflight):  # watchdog.py: stuck, not slow
                 if self.inflight.get(u.unit.unit_id) is u:
@@ -463,9 +487,13 @@ class Pipeline:
             # only pending futures: a finished prefill stays in u.futures (its KV feeds decode),
             # and waiting on it would return at once and spin this loop
             futures = [f for u in self.inflight.values() for f in u.futures.values() if not f.done()]
+            # while units wait for a worker, the next roles tick must not wait for a task to end:
+            # a prefill worker that ran out of prefill became a decoder up to 0.5 s late
+            waits = self.roles.rebalance and any(u.phase in ("queued", "wait-decode", "wait-room")
+                                                 for u in self.inflight.values())
             if futures:
                 try:
-                    wait(futures, timeout=0.5, return_when="FIRST_COMPLETED")
+                    wait(futures, timeout=REBALANCE_TICK_S if waits else 0.5, return_when="FIRST_COMPLETED")
                 except TimeoutError:  # nothing finished within 0.5 s: loop to refresh workers
                     pass
             else:

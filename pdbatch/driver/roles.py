@@ -9,7 +9,9 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
   PREFILL_DEPTH units at a time (one running, one ready), and a decode worker takes another
   unit only while it holds less than its fair share of the decode work (rows decoding or
   waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
-  its KV budget; what no worker has taken yet can go to whichever worker changes role;
+  its KV budget; what no worker has taken yet can go to whichever worker changes role (a unit
+  whose KV is on a prefill worker running its last prefill, nothing queued, waits for that
+  worker to decode it, unless a decoder has nothing to decode);
 - prefill -> decode: a prefill worker with nothing running and nothing left to prefill (the
   prefill queue is empty: the window is full of prefilled units, or the input is done) while
   prefilled units wait for a decoder becomes a decode worker; it decodes the units it holds

@@ -137,11 +137,26 @@ def test_length_buckets_respect_token_budget():
         assert len(b) == 1 or len(b) * longest <= 256
 
 
+def test_length_buckets_cap_padding_share():
+    """With a padding cap a prompt joins a batch only while padding stays under that share of
+    the pass (CPU prefill: a padded token costs what a real one does); without it, only the
+    token budget limits a batch."""
+    lengths = [100, 104, 108, 150, 160, 400, 40, 44]
+    capped = length_buckets(lengths, max_batch_tokens=4096, max_padding_share=0.1)
+    assert sorted(i for b in capped for i in b) == list(range(len(lengths)))
+    for b in capped:
+        longest = max(lengths[i] for i in b)
+        assert len(b) * longest - sum(lengths[i] for i in b) <= 0.1 * len(b) * longest
+    assert sorted(map(sorted, capped)) == [[0, 1, 2], [3, 4], [5], [6, 7]]
+    assert len(length_buckets(lengths, max_batch_tokens=4096)) == 1
+
+
 def test_colocated_prefill_batches_group_waiting_prompts_by_length(llama):
     """A colocated prefill pass takes the oldest waiting prompt and its neighbours by length,
     not the next prompts in arrival order (which would mix 10- and 200-token prompts and pay
     for the padding); every prompt still completes."""
     engine = DecodeEngine(llama, prefill=PrefillEngine(llama, max_batch_tokens=400), max_num_seqs=64)
+    engine.prefill.max_padding_share = None  # grouping by length alone (the cap: the test above)
     lens = [200, 10, 190, 12, 180, 11, 8, 195]
     try:
         with engine._cv:  # the loop waits on this lock: nothing is prefilled until it is released
@@ -171,6 +186,7 @@ def test_colocated_prefill_waits_for_several_free_slots_while_decoding(llama):
     min_free = int(slots * decode.PREFILL_MIN_FREE_SHARE)
     assert min_free >= 4
     engine = DecodeEngine(llama, prefill=PrefillEngine(llama, max_batch_tokens=1024), max_num_seqs=slots)
+    engine.prefill.max_padding_share = None  # pass sizes set by free slots alone
     passes, run = [], engine.prefill.run
 
     def recording_run(requests):  # called on the engine's thread, so engine state is stable here

@@ -193,7 +193,8 @@ class DecodeEngine:
             return []  # wait for running sequences to free KV memory
         window = [self._prompts.popleft() for _ in range(min(PREFILL_WINDOW, len(self._prompts)))]
         lengths = [len(req.prompt_ids) for req, _ in window]
-        bucket = next(b for b in length_buckets(lengths, self.prefill.max_batch_tokens, free_slots) if 0 in b)
+        bucket = next(b for b in length_buckets(lengths, self.prefill.max_batch_tokens, free_slots,
+                                                 self.prefill.max_padding_share) if 0 in b)
         taken = {i for i in bucket if i == 0 or not self.active or self.cache.fits(
             lengths[i] + window[i][0].params.max_new_tokens)}
         self._prompts.extendleft(reversed([w for i, w in enumerate(window) if i not in taken]))

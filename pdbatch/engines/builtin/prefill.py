@@ -2,9 +2,9 @@
 KV packet per sequence.
 
 Prompts are sorted by length and packed into batches whose padded size stays under
-`max_batch_tokens` and, on a CPU, whose padding stays under a tenth of the pass. Batches are left-padded with
-position_ids = cumsum(mask) - 1, which gives every real token the position it would have
-alone; the packet then keeps only the real tokens' KV.
+`max_batch_tokens` and, on a CPU, whose padding stays under a tenth of the pass. Batches are
+left-padded with position_ids = cumsum(mask) - 1, which gives every real token the position it
+would have alone; the packet then keeps only the real tokens' KV.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def length_buckets(lengths: list[int], max_batch_tokens: int, max_batch_size: in
         longest = lengths[i]  # sorted ascending: the newcomer is the longest
         padded = (len(cur) + 1) * longest
         if cur and (padded > max_batch_tokens or len(cur) >= max_batch_size or (
-                max_padding_share is not None and padded - real - longest > max_padding_share * padded)):
+                max_padding_share is not None and padded - (real + longest) > max_padding_share * padded)):
             batches.append(cur)
             cur, real = [], 0
         cur.append(i)

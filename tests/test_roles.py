@@ -424,6 +424,25 @@ def test_a_unit_waits_for_its_holder_when_the_holder_decodes_next():
     assert pipe._pick_decoder(held, ["d"]) == "d"
 
 
+def test_a_lone_decoder_takes_every_prefilled_unit_while_units_wait_for_prefill():
+    """Seen on `summarize` (prefill-heavy): one decoder, one prefill worker with units still to
+    prefill. The decoder's fair share counted the prefill worker too, so half the prefilled
+    units waited on the driver with their first token out (short rows: TPOT 0.3 s). While units
+    wait for prefill the prefill workers go on prefilling: the decoders share the work alone."""
+    pipe, unit = _routing_pipeline(5)
+    pipe.roles.role = {"p": "prefill", "d": "decode"}
+    nxt = unit("u1", 300, "wait-room")
+    pipe.inflight = {"u0": unit("u0", 300, "decode", "d", prefill="d"), "u1": nxt,
+                     "u2": unit("u2", 300, "prefill"), "u3": unit("u3", 300, "queued")}
+    # stage 600 over the one decoder: d (300 left) is below it
+    assert pipe._pick_decoder(nxt, ["d"]) == "d"
+    # nothing left to prefill but the unit p runs: p decodes soon, the share is half (300) and
+    # d, with 300 left, is at it
+    pipe.inflight["u3"].phase = "prefill"
+    pipe.prefill_load = {"p": 2}
+    assert pipe._pick_decoder(nxt, ["d"]) is None
+
+
 def test_decode_work_left_counts_what_a_worker_already_generated():
     """Fair shares count the decode work a worker has left (decode_progress.py): routed and not
     yet written, less the tokens its engine generated for those units."""

@@ -85,6 +85,34 @@ def test_disaggregated_engines_match_hf_with_arrivals_mid_decode(family, request
     assert_matches_hf(lm, reqs, outs)
 
 
+def test_decode_leaves_the_cores_to_a_prefill_running_beside_it(llama):
+    """A decoder that prefills in its spare time (rebalancing on a CPU): while that prefill runs,
+    decode steps take at most DECODE_SHARE_BESIDE_PREFILL of the time, so its CPU goes to the
+    prefill and later rows join the running batch; outputs are unchanged."""
+    from pdbatch.engines.builtin.decode import DECODE_SHARE_BESIDE_PREFILL
+
+    reqs = greedy_requests(llama, n=12, seed=3)
+    for r in reqs:
+        r.params.max_new_tokens = 40
+    packets = PrefillEngine(llama, max_batch_tokens=2048).run(reqs)
+    engine = DecodeEngine(llama, max_num_seqs=16)
+    try:
+        with engine.beside_prefill():
+            t0 = time.perf_counter()
+            futs = [engine.submit(p) for p in packets[:6]]
+            while engine.stats.steps < 20:
+                time.sleep(0.001)
+            paced_wall, paced = time.perf_counter() - t0, list(engine.stats.step_log)
+        futs += [engine.submit(p) for p in packets[6:]]
+        outs = [f.result(timeout=300) for f in futs]
+    finally:
+        engine.close()
+    # a pause of at least the step's own time after every step but the last seen
+    busy = sum(dt for _, dt in paced[:-1])
+    assert paced_wall >= busy / DECODE_SHARE_BESIDE_PREFILL * 0.95
+    assert_matches_hf(llama, reqs, outs)
+
+
 def test_what_a_fresh_kv_pool_held_never_reaches_a_row(llama, monkeypatch):
     """The decode pool is allocated without zero-filling (kv_cache.py: the page faults stalled
     the loop). Whatever the allocation left there must never reach an output: with NaN in

@@ -54,8 +54,9 @@ class BuiltinEngine(Engine):
     def prefill(self, requests):
         if self.prefill_engine is None:
             raise RuntimeError(f"worker {self.worker_name} has no prefill role")
-        if self._low_priority is not None:
-            return self._low_priority.run(self.prefill_engine.run, requests)
+        if self._low_priority is not None:  # decode yields part of the cores meanwhile (decode.py)
+            with self.decode_engine.beside_prefill():
+                return self._low_priority.run(self.prefill_engine.run, requests)
         return self.prefill_engine.run(requests)
 
     def submit_packet(self, packet, kv_transfer_s: float | None = None) -> Future:

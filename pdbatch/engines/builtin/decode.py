@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,13 @@ PREFILL_WINDOW = 1024
 # to group by length (200-prompt engine benchmark, 128 slots: 85 passes, 34 of one prompt, 69-71 s
 # -> 61 passes, 66 s, same tokens).
 PREFILL_MIN_FREE_SHARE = 1 / 16
+# While a prefill pass runs beside this loop on the same CPU cores (a decoder lending its spare
+# time to prefill: engines/builtin/priority.py), decode steps take at most this share of the
+# time. Prefill is the bottleneck then (every prefill worker is full), and a CPU decode step
+# costs nearly as much for 4 rows as for 8 (it reads every weight): run back to back, steps
+# of a few rows ate the CPU the prefill needed; spaced, the rows of the next units join the
+# running batch and the same tokens take fewer steps.
+DECODE_SHARE_BESIDE_PREFILL = 0.5
 
 
 def kv_shape(lm: LoadedModel) -> tuple[int, int, int]:
@@ -102,6 +110,7 @@ class DecodeEngine:
         self._prompts: deque[tuple[Request, Future]] = deque()
         self._cv = threading.Condition()
         self._stopped = False
+        self._beside_prefill = 0  # prefill passes running beside this loop (beside_prefill)
         fwd = inspect.signature(lm.model.forward).parameters
         self._cache_kw = "cache" if "cache" in fwd else "past_key_values"  # renamed in transformers 5.24
         self._thread = threading.Thread(target=self._loop, name="pdbatch-decode", daemon=True)
@@ -137,6 +146,19 @@ class DecodeEngine:
                     "kv_budget_bytes": self.cache.budget_bytes,
                     "kv_free_bytes": self.cache.budget_bytes - used}
 
+    @contextmanager
+    def beside_prefill(self):
+        """While this block runs a prefill on the cores this loop decodes on, decode steps take
+        at most DECODE_SHARE_BESIDE_PREFILL of the time."""
+        with self._cv:
+            self._beside_prefill += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._beside_prefill -= 1
+                self._cv.notify()
+
     def close(self) -> None:
         with self._cv:
             self._stopped = True
@@ -156,9 +178,19 @@ class DecodeEngine:
                 self._run_prefill_if_room()
                 self._admit()
                 if self.active:
-                    self._step()
+                    dt = self._step()
+                    if self._beside_prefill:
+                        self._yield_to_prefill(dt * (1 / DECODE_SHARE_BESIDE_PREFILL - 1))
             except Exception as e:  # a broken step must not hang the futures waiting on it
                 self._fail_all(f"decode failed: {type(e).__name__}: {e}")
+
+    def _yield_to_prefill(self, seconds: float) -> None:
+        """Leave the cores to the prefill beside this loop for `seconds`, or until it ends or
+        the engine stops."""
+        end = time.perf_counter() + seconds
+        with self._cv:
+            while self._beside_prefill and not self._stopped and (left := end - time.perf_counter()) > 0:
+                self._cv.wait(left)
 
     def _run_prefill_if_room(self) -> None:
         if self.prefill is None:
@@ -230,7 +262,8 @@ class DecodeEngine:
                                         packet.prefill_worker, packet.nbytes, transfer_s, fut))
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self) -> float:
+        """One token for every active sequence; returns the step's seconds."""
         t0 = time.perf_counter()
         n = len(self.active)
         ids = torch.tensor([[s.gen_ids[-1]] for s in self.active], dtype=torch.long, device=self.lm.device)
@@ -253,7 +286,9 @@ class DecodeEngine:
                 prefill_worker=s.prefill_worker, decode_worker=self.worker_name, kv_bytes=s.kv_bytes,
                 kv_transfer_s=s.kv_transfer_s))
             self._drop(i)
-        self.stats.record(n, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.stats.record(n, dt)
+        return dt
 
     def _drop(self, i: int) -> None:
         with self._cv:

@@ -179,6 +179,20 @@ def test_length_buckets_cap_padding_share():
     assert len(length_buckets(lengths, max_batch_tokens=4096)) == 1
 
 
+def test_prefill_runs_the_passes_of_rows_asking_fewest_tokens_last(llama):
+    """A unit's packets leave together when its last pass ends, and a row's wait since its first
+    token counts in its TPOT, divided over its output tokens: passes whose rows ask for the
+    fewest tokens run last. Each prompt is its own pass here (the token budget holds one)."""
+    reqs = greedy_requests(llama, n=8, seed=11, max_len=60)
+    for r, n in zip(reqs, (5, 40, 2, 33, 17, 9, 28, 3)):
+        r.prompt_ids = r.prompt_ids[:40] + [5] * (40 - len(r.prompt_ids[:40]))
+        r.params.max_new_tokens = n
+    packets = PrefillEngine(llama, max_batch_tokens=40).run(reqs)
+    assert all(isinstance(p, KVPacket) for p in packets)
+    by_time = sorted(zip(packets, reqs), key=lambda x: x[0].first_token_time)
+    assert [r.params.max_new_tokens for _, r in by_time] == [40, 33, 28, 17, 9, 5, 3, 2]
+
+
 def test_colocated_prefill_batches_group_waiting_prompts_by_length(llama):
     """A colocated prefill pass takes the oldest waiting prompt and its neighbours by length,
     not the next prompts in arrival order (which would mix 10- and 200-token prompts and pay

@@ -8,7 +8,8 @@ for both phases (worker.EngineHost), and the driver moves workers between the tw
 - the queues live on the driver, not on the workers: a prefill worker gets at most
   PREFILL_DEPTH units at a time (one running, one ready), and a decode worker takes another
   unit only while it holds less than its fair share of the decode work (rows decoding or
-  waiting for a decoder, divided by the workers that could decode), within max_num_seqs and
+  waiting for a decoder, divided by the workers that could decode; by the decoders alone while
+  units wait to be prefilled, as the prefill workers go on prefilling), within max_num_seqs and
   its KV budget; what no worker has taken yet can go to whichever worker changes role (a unit
   whose KV is on a prefill worker running its last prefill, nothing queued, waits for that
   worker to decode it, unless a decoder has nothing to decode);

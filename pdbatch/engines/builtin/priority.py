@@ -5,8 +5,9 @@ every second they wait counts in their TPOT. On a CPU worker with both roles (re
 prefill passes run in a Dask thread and the decode steps in the engine's thread, side by side on
 the same cores; the OS would share those cores evenly. Run the prefill passes in a thread with a
 higher nice value instead, and decode steps take the cores they need while prefill takes what is
-left: a decoder can then prefill in its spare time without slowing its rows. Linux sets nice
-values per thread; elsewhere the thread runs at normal priority.
+left: a decoder can then prefill in its spare time, its rows going on at a pace it sets (the
+decode loop leaves part of the time to such a pass: decode.DECODE_SHARE_BESIDE_PREFILL). Linux
+sets nice values per thread; elsewhere the thread runs at normal priority.
 """
 
 from __future__ import annotations

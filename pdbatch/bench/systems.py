@@ -87,9 +87,10 @@ def run_pdbatch(cfg, input_path: str, warmup_path: str, out_dir: str, echo=print
             driver_cpu = time.process_time() - c0
         after, cpu1 = client.run(worker_status), client.run(time.process_time)
     workers = {names.get(a, a): _status_delta(before.get(a, {}), s) for a, s in after.items()}
-    for a in cpu1:  # the process's CPU time, beside what its engine counted busy
-        workers.setdefault(names.get(a, a), {})["cpu_s"] = round(cpu1[a] - cpu0.get(a, cpu1[a]), 3)
-    cpu = driver_cpu + sum(cpu1[a] - cpu0.get(a, cpu1[a]) for a in cpu1)
+    process_cpu = {a: cpu1[a] - cpu0.get(a, cpu1[a]) for a in cpu1}
+    for a, c in process_cpu.items():  # the process's CPU time, beside what its engine counted busy
+        workers.setdefault(names.get(a, a), {})["cpu_s"] = round(c, 3)
+    cpu = driver_cpu + sum(process_cpu.values())
     timeline = _timeline(stream.data, names, t0)
     outputs, ttft, tpot = _read_rows(out_dir, plan, cfg.mode, t0, stream.data)
     return SystemRun(outputs, wall, ttft, tpot, cpu, {

@@ -317,8 +317,7 @@ class Pipeline:
         # the last one never, the others only after a wait), so the decoders share the work
         # alone: with every worker counted, a lone decoder left half the prefilled units
         # waiting, first token out (summarize: short rows' TPOT 0.3 s, the job's p99)
-        queued = any(x.phase == "queued" for x in self.inflight.values())
-        share = -(-stage // max(1, len(pool) if queued else len(live)))
+        share = -(-stage // max(1, len(pool) if self._prefill_queued() else len(live)))
         n = u.rows.num_rows
 
         # below its share before this unit: when every worker decodes, some worker is, so no unit
@@ -349,7 +348,11 @@ class Pipeline:
             return False
         if self.prefill_load.get(holder, 0) > 1:
             return False
-        return not any(x.phase == "queued" for x in self.inflight.values())
+        return not self._prefill_queued()
+
+    def _prefill_queued(self) -> bool:
+        """Whether a unit in the window waits for a prefill worker."""
+        return any(x.phase == "queued" for x in self.inflight.values())
 
     def _rebalance(self) -> None:
         """Move workers between the roles (roles.py), at most every 0.1 s."""
